@@ -29,6 +29,7 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "genedml_sd" / "datasets" / 
 
 
 def main(src: Path) -> None:
+    """Write the demo folder from the HER2ST folder ``src``."""
     Image.MAX_IMAGE_PIXELS = None
     index = pd.read_csv(src / "sections.csv", index_col="section")
     counts = {s: pd.read_csv(src / index.loc[s, "counts_path"], sep="\t", index_col=0) for s in SECTIONS}

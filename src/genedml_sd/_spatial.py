@@ -259,5 +259,5 @@ def table_rows_for_shapes(table: AnnData, shapes: gpd.GeoDataFrame, shapes_key: 
 
 
 def get_sample_info(table: AnnData) -> Mapping[str, object]:
-    """This package's sample metadata stored in ``table.uns`` (patient, section, ...), possibly empty."""
+    """Sample metadata of this package stored in ``table.uns`` (patient, section, ...), possibly empty."""
     return dict(table.uns.get(ATTRS_KEY, {}))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .._settings import settings
+from genedml_sd._settings import settings
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -52,7 +52,7 @@ def her2st_demo(sections: Sequence[str] | None = None) -> list[SpatialData]:
     >>> import genedml_sd as gd
     >>> b4, c2, c3, c4 = gd.datasets.her2st_demo()
     """
-    from ..io import her2st as read_her2st
+    from genedml_sd.io import her2st as read_her2st
 
     chosen = list(DEMO_SECTIONS if sections is None else sections)
     unknown = [s for s in chosen if s not in DEMO_SECTIONS]
@@ -117,7 +117,7 @@ def her2st(
     -------
     One SpatialData per section (see :func:`genedml_sd.io.her2st`).
     """
-    from ..io import her2st as read_her2st
+    from genedml_sd.io import her2st as read_her2st
 
     root = Path(path) if path is not None else fetch_her2st(sections, cache_dir=cache_dir)
     return [read_her2st(root, s) for s in sections]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._spatial import ATTRS_KEY, set_pixel_size
+from genedml_sd._spatial import ATTRS_KEY, set_pixel_size
 
 if TYPE_CHECKING:
     import dask.array as da

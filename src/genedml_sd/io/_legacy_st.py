@@ -88,7 +88,9 @@ def legacy_st(
         raise ValueError(f"No spot id of {counts} (e.g. {list(cnt.index[:3])}) matches the spot file {spots}.")
     dropped = len(cnt) - len(ids), len(sel) - len(ids)
     if any(dropped):
-        logger.info("%s: %d counted spots without position and %d positions without counts dropped", sample_id, *dropped)
+        logger.info(
+            "%s: %d counted spots without position and %d positions without counts dropped", sample_id, *dropped
+        )
     cnt, sel = cnt.loc[ids], sel.loc[ids]
     values = cnt.to_numpy()
     if not np.issubdtype(values.dtype, np.number) or np.isnan(values.astype(np.float64)).any():
@@ -166,7 +168,9 @@ def _her2st_files(root: Path, section: str) -> tuple[Path, Path, Path, tuple[flo
         if not p.exists():
             raise FileNotFoundError(f"HER2ST section {section!r}: {p} does not exist.")
     if not images:
-        raise FileNotFoundError(f"HER2ST section {section!r}: no image under {base / 'ST-imgs' / section[0] / section}.")
+        raise FileNotFoundError(
+            f"HER2ST section {section!r}: no image under {base / 'ST-imgs' / section[0] / section}."
+        )
     return counts, spots, images[0], (1.0, 1.0)
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._spatial import ATTRS_KEY, set_pixel_size
+from genedml_sd._spatial import ATTRS_KEY, set_pixel_size
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

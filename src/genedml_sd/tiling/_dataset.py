@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._settings import settings
+from genedml_sd._settings import settings
 
 if TYPE_CHECKING:
     import torch

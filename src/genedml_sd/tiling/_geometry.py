@@ -30,7 +30,9 @@ class TileGeometry:
         if int(self.tile_px) != self.tile_px or self.tile_px < 1:
             raise ValueError(f"tile_px must be a positive integer, got {self.tile_px!r}.")
         if int(self.grid) != self.grid or self.grid < 1 or self.grid % 2 == 0:
-            raise ValueError(f"grid must be a positive odd integer (the spot sits in the centre tile), got {self.grid!r}.")
+            raise ValueError(
+                f"grid must be a positive odd integer (the spot sits in the centre tile), got {self.grid!r}."
+            )
 
     @property
     def um_per_px(self) -> float:

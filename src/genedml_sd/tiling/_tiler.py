@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._spatial import (
+from genedml_sd._spatial import (
     check_circles,
     get_pixel_size,
     image_levels,
@@ -28,10 +28,10 @@ from .._spatial import (
     resolve_key,
     spots_to_pixels,
 )
+
 from ._geometry import TileGeometry
 
 if TYPE_CHECKING:
-    import torch
     import xarray as xr
     from spatialdata import SpatialData
 
@@ -156,7 +156,9 @@ class SpotTiler:
         region = self.read_regions(indices, g.region_um, g.region_px, scheduler=scheduler)
         b = region.shape[0]
         grid = region.reshape(b, 3, g.grid, g.tile_px, g.grid, g.tile_px)
-        return np.ascontiguousarray(grid.transpose(0, 2, 4, 1, 3, 5).reshape(b, g.n_neighbours, 3, g.tile_px, g.tile_px))
+        return np.ascontiguousarray(
+            grid.transpose(0, 2, 4, 1, 3, 5).reshape(b, g.n_neighbours, 3, g.tile_px, g.tile_px)
+        )
 
     def read_regions(
         self,
