@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 PAD_VALUE = 255
 """Fill value for pixels outside the image (white, like glass)."""
 
-COARSE_WARNING_RATIO = 1.5
+COARSE_WARNING_RATIO = 4.0
 """Warn when the requested µm/px is finer than the image's own by more than this factor."""
 
 
