@@ -1,0 +1,113 @@
+"""Training data of the model layer: per-slide tensors and within-slide spot batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class SlideTensors:
+    """Cached features and targets of one slide.
+
+    Attributes
+    ----------
+    local
+        Local-tile features, float32 (N, D).
+    coords
+        Spot centres in µm, float32 (N, 2).
+    neighbour
+        Neighbour-grid features, float32 (N, n_neighbours, D), or ``None``.
+    expr
+        Log-normalised expression, float32 (N, G), or ``None`` (prediction only).
+    name
+        Slide name (for logs).
+    """
+
+    local: torch.Tensor
+    coords: torch.Tensor
+    neighbour: torch.Tensor | None = None
+    expr: torch.Tensor | None = None
+    name: str = "slide"
+
+    def __post_init__(self) -> None:
+        n = self.local.shape[0]
+        if self.local.ndim != 2:
+            raise ValueError(f"{self.name}: local features must be (N, D), got {tuple(self.local.shape)}.")
+        if tuple(self.coords.shape) != (n, 2):
+            raise ValueError(f"{self.name}: coords must be ({n}, 2), got {tuple(self.coords.shape)}.")
+        if self.neighbour is not None and (self.neighbour.ndim != 3 or self.neighbour.shape[0] != n):
+            raise ValueError(f"{self.name}: neighbour features must be ({n}, T, D), got {tuple(self.neighbour.shape)}.")
+        if self.expr is not None:
+            if self.expr.ndim != 2 or self.expr.shape[0] != n:
+                raise ValueError(f"{self.name}: expression must be ({n}, G), got {tuple(self.expr.shape)}.")
+            if not torch.isfinite(self.expr).all():
+                raise ValueError(f"{self.name}: expression contains NaN or infinite values.")
+        if not torch.isfinite(self.local).all():
+            raise ValueError(f"{self.name}: local features contain NaN or infinite values.")
+
+    @property
+    def n_spots(self) -> int:
+        """Number of spots N."""
+        return self.local.shape[0]
+
+    @classmethod
+    def from_numpy(
+        cls,
+        local: np.ndarray,
+        coords: np.ndarray,
+        neighbour: np.ndarray | None = None,
+        expr: np.ndarray | None = None,
+        name: str = "slide",
+    ) -> SlideTensors:
+        """Wrap numpy arrays (no copy where the dtype is already float32)."""
+
+        def t(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+        return cls(t(local), t(coords), t(neighbour), t(expr), name)
+
+
+class SpotBatches(Dataset):
+    """Map-style dataset whose item ``i`` is one batch of spots, all from the same slide.
+
+    Batches stay within a slide because the global branch attends over that slide's spots. Each
+    epoch (:meth:`set_epoch`) reshuffles the spots of every slide, splits them into near-equal
+    batches of at most ``batch_size``, and shuffles the order of the batches, deterministically
+    from ``seed`` and the epoch. Use with ``DataLoader(ds, batch_size=None)``; under DDP, Lightning's
+    distributed sampler hands each process a disjoint share of the batches.
+
+    Items are ``{"slide": LongTensor (), "index": LongTensor (B,)}``.
+    """
+
+    def __init__(self, n_spots: Sequence[int], batch_size: int, seed: int = 0) -> None:
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (contrastive losses need pairs), got {batch_size}.")
+        self.n_spots = [int(n) for n in n_spots]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self._n_batches = [max(1, -(-n // self.batch_size)) for n in self.n_spots if n > 0]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the batches of an epoch."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        plan = []
+        for s, n in enumerate(self.n_spots):
+            if n == 0:
+                continue
+            perm = rng.permutation(n)
+            plan.extend((s, chunk) for chunk in np.array_split(perm, max(1, -(-n // self.batch_size))))
+        order = rng.permutation(len(plan))
+        self._plan = [plan[i] for i in order]
+
+    def __len__(self) -> int:
+        return sum(self._n_batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        slide, idx = self._plan[i]
+        return {"slide": torch.tensor(slide), "index": torch.from_numpy(np.sort(idx).astype(np.int64))}

@@ -1,0 +1,333 @@
+"""The trainable Gene-DML network (pure torch; knows only tensors)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._config import GeneDMLConfig
+from ._losses import instance_group_loss, multiscale_instance_loss, prediction_loss
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (multi-head self-attention + MLP) on (B, T, C) tokens.
+
+    Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` (flash /
+    memory-efficient kernels where available). With ``chunk``, queries are processed in chunks of
+    that many tokens, so at most ``chunk x T`` attention scores per head exist at once: this is what
+    lets the slide-level block attend over 10^5 spots.
+    """
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 2.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def attention(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Self-attention of (B, T, C) tokens -> (B, T, C)."""
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
+        if chunk is None or t <= chunk:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.cat(
+                [F.scaled_dot_product_attention(q[:, :, s : s + chunk], k, v) for s in range(0, t, chunk)], dim=2
+            )
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+    def forward(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Apply the block to (B, T, C) tokens."""
+        x = x + self.drop(self.attention(self.norm1(x), chunk))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def sinusoidal_position_encoding(coords_um: torch.Tensor, dim: int, min_um: float, max_um: float) -> torch.Tensor:
+    """2-D sinusoidal encoding of spot positions in µm.
+
+    Coordinates are centred on the slide's mean position (so a translated slide encodes the same).
+    ``dim / 4`` wavelengths spaced geometrically from ``min_um`` to ``max_um`` are used for each axis,
+    each giving a sine and a cosine.
+
+    Parameters
+    ----------
+    coords_um
+        Spot centres ``(x, y)`` in µm, (N, 2).
+    dim
+        Output width (divisible by 4).
+    min_um, max_um
+        Shortest and longest wavelength, µm.
+
+    Returns
+    -------
+    (N, dim) float32 encoding.
+    """
+    n_freq = dim // 4
+    wavelengths = torch.logspace(math.log10(min_um), math.log10(max_um), n_freq, device=coords_um.device)
+    omega = 2 * math.pi / wavelengths
+    c = coords_um.float() - coords_um.float().mean(dim=0, keepdim=True)
+    ax = c[:, :1] * omega
+    ay = c[:, 1:2] * omega
+    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
+
+
+class GeneDML(nn.Module):
+    """Gene-DML: multi-scale image embeddings, a gene encoder and a prediction head.
+
+    Scales (each switchable in the config):
+
+    * local: the spot's own tile feature ``(B, D)`` -> ``Linear(D, dim)``;
+    * neighbour: the 5x5 grid of tile features ``(B, 25, D)`` -> ``Linear(D, dim)`` + learned
+      position embedding -> self-attention blocks -> mean pool -> ``Linear(dim, dim)``;
+    * global: the local features of *all* spots of the slide ``(N, D)`` -> ``Linear(D, dim)`` + 2-D
+      sinusoidal µm position encoding -> transformer block(s) over the N spots -> ``Linear(dim, dim)``.
+
+    The scale vectors form a sequence of up to 3 tokens, mixed by self-attention (scale-wise fusion);
+    the fused tokens are concatenated and mapped to the G genes by the prediction head. During
+    training, a gene encoder embeds the measured expression for the contrastive losses.
+
+    Frozen-encoder features are standardised with per-dimension training statistics stored as
+    buffers (:meth:`set_feature_stats`), so they travel with the weights.
+    """
+
+    def __init__(self, config: GeneDMLConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        d, enc = cfg.dim, cfg.enc_dim
+        self.register_buffer("feature_mean", torch.zeros(enc))
+        self.register_buffer("feature_std", torch.ones(enc))
+
+        def blocks(n: int) -> nn.ModuleList:
+            return nn.ModuleList([Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(n)])
+
+        if cfg.use_local:
+            self.local_proj = nn.Linear(enc, d)
+        if cfg.use_neighbour:
+            self.neighbour_in = nn.Linear(enc, d)
+            self.neighbour_pos = nn.Parameter(torch.zeros(1, cfg.n_neighbours, d))
+            nn.init.trunc_normal_(self.neighbour_pos, std=0.02)
+            self.neighbour_blocks = blocks(cfg.neighbour_depth)
+            self.neighbour_norm = nn.LayerNorm(d)
+            self.neighbour_proj = nn.Linear(d, d)
+        if cfg.use_global:
+            self.global_in = nn.Linear(enc, d)
+            self.global_blocks = blocks(cfg.global_depth)
+            self.global_norm = nn.LayerNorm(d)
+            self.global_proj = nn.Linear(d, d)
+        n_scales = len(cfg.scales)
+        self.scale_embed = nn.Parameter(torch.zeros(1, n_scales, d))
+        nn.init.trunc_normal_(self.scale_embed, std=0.02)
+        self.fusion_blocks = blocks(cfg.fusion_depth)
+        self.fusion_norm = nn.LayerNorm(d)
+
+        h = cfg.gene_hidden
+        self.gene_encoder = nn.Sequential(
+            nn.Linear(cfg.n_genes, h),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(h, h),
+            # FFN
+            nn.Linear(h, h),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(h, d),
+        )
+        self.image_group = nn.Linear(d, cfg.group_dim)
+        self.gene_group = nn.Linear(d, cfg.group_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.tau_init)), requires_grad=cfg.learn_tau)
+        self.head = nn.Sequential(
+            nn.LayerNorm(n_scales * d), nn.Dropout(cfg.dropout), nn.Linear(n_scales * d, cfg.n_genes)
+        )
+
+    # ------------------------------------------------------------------------------ set-up
+    def set_feature_stats(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
+        """Set the per-dimension standardisation of the frozen features (training statistics), (D,)."""
+        mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
+        std = torch.as_tensor(np.asarray(std), dtype=torch.float32).clamp_min(1e-6)
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def set_output_bias(self, mean_expression: torch.Tensor | np.ndarray) -> None:
+        """Initialise the head's bias to the mean training expression (G,), so training starts at the mean."""
+        with torch.no_grad():
+            self.head[-1].bias.copy_(torch.as_tensor(np.asarray(mean_expression), dtype=torch.float32))
+
+    @property
+    def tau(self) -> torch.Tensor:
+        """Temperature of the instance loss, ``1 / exp(logit_scale)`` clamped to [0.01, 1]."""
+        return (1 / self.logit_scale.exp()).clamp(0.01, 1.0)
+
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.feature_mean) / self.feature_std
+
+    # ------------------------------------------------------------------------------ image pathway
+    def encode_global(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> torch.Tensor:
+        """Slide-level tokens of every spot.
+
+        Parameters
+        ----------
+        local_all
+            Local features of all N spots of one slide, (N, D).
+        coords_um
+            Their centres in µm, (N, 2).
+
+        Returns
+        -------
+        (N, dim) global-scale vectors (before fusion).
+        """
+        cfg = self.config
+        if not cfg.use_global:
+            raise RuntimeError("This model has no global branch (use_global=False).")
+        x = self.global_in(self._standardise(local_all))
+        x = x + sinusoidal_position_encoding(coords_um, cfg.dim, cfg.pos_min_um, cfg.pos_max_um).to(x.dtype)
+        x = x.unsqueeze(0)
+        for blk in self.global_blocks:
+            x = blk(x, chunk=cfg.attn_chunk)
+        return self.global_proj(self.global_norm(x[0]))
+
+    def encode_neighbour(self, neighbour: torch.Tensor) -> torch.Tensor:
+        """Neighbour-scale vectors from the grid tokens (B, n_neighbours, D) -> (B, dim)."""
+        x = self.neighbour_in(self._standardise(neighbour)) + self.neighbour_pos
+        for blk in self.neighbour_blocks:
+            x = blk(x)
+        return self.neighbour_proj(self.neighbour_norm(x).mean(dim=1))
+
+    def image_tokens(
+        self,
+        local: torch.Tensor | None,
+        neighbour: torch.Tensor | None = None,
+        global_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fused scale tokens (B, S, dim), S = number of scales in use (order: local, neighbour, global).
+
+        Parameters
+        ----------
+        local
+            Local-tile features (B, D).
+        neighbour
+            Neighbour-grid features (B, n_neighbours, D), if the model uses that scale.
+        global_tokens
+            Rows of :meth:`encode_global` for these spots (B, dim), if the model uses that scale.
+        """
+        cfg = self.config
+        toks = []
+        if cfg.use_local:
+            toks.append(self.local_proj(self._standardise(local)))
+        if cfg.use_neighbour:
+            if neighbour is None:
+                raise ValueError("This model uses the neighbour scale: pass neighbour features (B, 25, D).")
+            toks.append(self.encode_neighbour(neighbour))
+        if cfg.use_global:
+            if global_tokens is None:
+                raise ValueError("This model uses the global scale: pass global_tokens from encode_global().")
+            toks.append(global_tokens)
+        x = torch.stack(toks, dim=1) + self.scale_embed
+        for blk in self.fusion_blocks:
+            x = blk(x)
+        return self.fusion_norm(x)
+
+    def forward(
+        self,
+        local: torch.Tensor | None,
+        neighbour: torch.Tensor | None = None,
+        global_tokens: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Predict expression of B spots.
+
+        Returns
+        -------
+        ``{"pred": (B, G) log-normalised expression, "tokens": (B, S, dim) fused scale tokens}``.
+        """
+        tokens = self.image_tokens(local, neighbour, global_tokens)
+        return {"pred": self.head(tokens.flatten(1)), "tokens": tokens}
+
+    def gene_embedding(self, expr: torch.Tensor) -> torch.Tensor:
+        """Embedding (B, dim) of measured log-normalised expression (B, G)."""
+        return self.gene_encoder(expr)
+
+    # ------------------------------------------------------------------------------ training
+    def loss(
+        self, out: dict[str, torch.Tensor], expr: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Total loss ``L_instance + lam * L_group + L_pred`` and its parts, for a batch.
+
+        Parameters
+        ----------
+        out
+            Output of :meth:`forward` for the batch.
+        expr
+            Measured log-normalised expression (B, G).
+        generator
+            Random generator of the in-batch k-means seeding.
+
+        Returns
+        -------
+        Dict with ``total`` and the enabled parts ``instance``, ``group``, ``pred`` (scalars).
+        """
+        cfg = self.config
+        parts: dict[str, torch.Tensor] = {}
+        tokens = out["tokens"]
+        if cfg.instance_loss or cfg.group_loss:
+            gene = self.gene_embedding(expr)
+        if cfg.instance_loss:
+            parts["instance"] = multiscale_instance_loss(tokens.unbind(dim=1), gene, self.tau)
+        if cfg.group_loss:
+            parts["group"], _ = instance_group_loss(
+                self.image_group(tokens.mean(dim=1)),
+                self.gene_group(gene),
+                k=cfg.k,
+                tau=cfg.tau_ig,
+                iters=cfg.kmeans_iters,
+                generator=generator,
+            )
+        if cfg.pred_loss:
+            parts["pred"] = prediction_loss(out["pred"], expr)
+        total = parts.get("instance", 0.0) + cfg.lam * parts.get("group", 0.0) + parts.get("pred", 0.0)
+        return {"total": total, **parts}
+
+    # ------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict_slide(
+        self,
+        local_all: torch.Tensor,
+        coords_um: torch.Tensor,
+        neighbour_all: torch.Tensor | None = None,
+        *,
+        batch_size: int = 1024,
+    ) -> torch.Tensor:
+        """Predict all spots of one slide.
+
+        Parameters
+        ----------
+        local_all
+            Local features (N, D) (on any device; moved to the model's).
+        coords_um
+            Spot centres in µm (N, 2).
+        neighbour_all
+            Neighbour features (N, n_neighbours, D) if the model uses them (may stay on the host:
+            batches are moved one at a time).
+        batch_size
+            Spots per forward pass.
+
+        Returns
+        -------
+        (N, G) predicted log-normalised expression, float32 on the model's device.
+        """
+        dev = self.feature_mean.device
+        local_all = local_all.to(dev)
+        g_all = self.encode_global(local_all, coords_um.to(dev)) if self.config.use_global else None
+        out = []
+        for s in range(0, local_all.shape[0], batch_size):
+            nb = neighbour_all[s : s + batch_size].to(dev) if self.config.use_neighbour else None
+            g = g_all[s : s + batch_size] if g_all is not None else None
+            out.append(self(local_all[s : s + batch_size], nb, g)["pred"].float())
+        return torch.cat(out) if out else torch.zeros(0, self.config.n_genes, device=dev)
