@@ -1,1 +1,33 @@
-"""placeholder"""
+"""Frozen tile encoders: a registry of pathology foundation models, loading and cached feature extraction.
+
+``load_encoder("uni")`` gives the paper's encoder (gated on the Hugging Face Hub: accept its licence
+and log in, or pass ``weights=`` a local file); ``load_encoder("stain-texture")`` is a weight-free
+H&E descriptor that works offline. :func:`extract_features` encodes the spots of a slide and caches
+the features on disk, keyed by the slide, the encoder's :attr:`FrozenEncoder.fingerprint` and the
+tile geometry.
+"""
+
+from ._extract import SpotFeatures, extract_features
+from ._registry import (
+    EncoderSpec,
+    EncoderWeightsError,
+    FrozenEncoder,
+    UnknownEncoderError,
+    get_spec,
+    list_encoders,
+    load_encoder,
+    register_encoder,
+)
+
+__all__ = [
+    "EncoderSpec",
+    "EncoderWeightsError",
+    "FrozenEncoder",
+    "SpotFeatures",
+    "UnknownEncoderError",
+    "extract_features",
+    "get_spec",
+    "list_encoders",
+    "load_encoder",
+    "register_encoder",
+]
