@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,9 @@ def run_demo(
         obs_table, region=keys.shapes_key, region_key="region", instance_key="spot_id"
     )
     zarr_path = out / "B4_predictions.zarr"
-    b4.write(zarr_path, overwrite=overwrite)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding")
+        b4.write(zarr_path, overwrite=overwrite)
     png = out / "B4_predicted_vs_observed.png"
     _plot(b4, list(top.index[:3]), scores, png)
 
@@ -83,18 +86,24 @@ def _plot(sdata, genes: list[str], scores, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import spatialdata_plot  # noqa: F401  (registers sdata.pl)
+    from matplotlib.colors import Normalize
 
-    fig, axes = plt.subplots(len(genes), 2, figsize=(8, 4 * len(genes)), squeeze=False)
+    fig, axes = plt.subplots(len(genes), 2, figsize=(11, 4.6 * len(genes)), squeeze=False, layout="constrained")
     for row, gene in enumerate(genes):
+        values = np.concatenate(
+            [np.asarray(sdata.tables[t][:, gene].X).ravel() for t in ("gd_observed", "gd_predictions")]
+        )
+        norm = Normalize(vmin=float(np.percentile(values, 1)), vmax=float(np.percentile(values, 99)))
         for col, (table, label) in enumerate((("gd_observed", "observed"), ("gd_predictions", "predicted"))):
             ax = axes[row, col]
             (
                 sdata.pl.render_images()
-                .pl.render_shapes(color=gene, table_name=table, cmap="viridis")
+                .pl.render_shapes(color=gene, table_name=table, cmap="viridis", norm=norm, colorbar=False)
                 .pl.show(ax=ax, coordinate_systems="global", title=f"{gene} {label}")
             )
         axes[row, 1].set_title(f"{gene} predicted (PCC {scores.loc[gene, 'pcc']:.2f})")
-    fig.tight_layout()
+        mappable = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+        fig.colorbar(mappable, ax=axes[row, :].tolist(), shrink=0.8, label="log-normalised expression")
     fig.savefig(path, dpi=80)
     plt.close(fig)
     if not np.isfinite(scores.loc[genes, "pcc"]).all():

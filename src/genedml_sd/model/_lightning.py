@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,27 @@ class _History(pl.Callback):
         pl_module.history.append(row)
 
 
+@contextlib.contextmanager
+def quiet_lightning(quiet: bool = True):
+    """Silence Lightning's informational messages (device summary, tips) and known-noise warnings."""
+    if not quiet:
+        yield
+        return
+    names = ["lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
 def resolve_precision(precision: str | None, accelerator: str) -> str:
     """``None`` -> bf16 mixed precision on GPUs that support it, fp16 mixed on other GPUs, fp32 on CPU."""
     if precision is not None:
@@ -230,24 +253,25 @@ def train_gene_dml(
     elif checkpoint_dir is not None:
         ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_weights_only=True)
         callbacks.append(ckpt)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=resolve_precision(precision, accelerator),
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=ckpt is not None,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        limit_val_batches=1.0 if val else 0,
-        **(trainer_kwargs or {}),
-    )
     try:
-        trainer.fit(lit)
+        with quiet_lightning(not progress):
+            trainer = pl.Trainer(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                precision=resolve_precision(precision, accelerator),
+                callbacks=callbacks,
+                logger=False,
+                enable_checkpointing=ckpt is not None,
+                enable_progress_bar=progress,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                log_every_n_steps=1,
+                **({} if val else {"limit_val_batches": 0}),
+                **(trainer_kwargs or {}),
+            )
+            trainer.fit(lit)
         if val and ckpt is not None and ckpt.best_model_path:
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             lit.load_state_dict(state)
