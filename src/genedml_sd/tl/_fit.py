@@ -65,6 +65,7 @@ def fit(
     table_key: str | None = None,
     genes: int | Sequence[str] = 250,
     encoder: str | FrozenEncoder = "uni",
+    method: str = "gene-dml",
     pretrained: bool = True,
     weights: str | None = None,
     hf_token: str | None = None,
@@ -104,6 +105,10 @@ def fit(
     encoder
         Frozen encoder name (see :func:`genedml_sd.encoders.list_encoders`; ``"uni"`` is the paper's,
         ``"stain-texture"`` works offline) or a loaded :class:`~genedml_sd.encoders.FrozenEncoder`.
+    method
+        ``"gene-dml"`` (default), the second seed system ``"nh2st"``, or a baseline on the same
+        features: ``"ridge"`` (PCA-256 + ridge), ``"mlp"`` (ST-Net-like head), ``"bleep"``
+        (contrastive retrieval). See :data:`genedml_sd.model.METHODS`.
     pretrained
         ``False`` uses a random-init encoder (for tests and speed benchmarks only).
     weights
@@ -113,8 +118,9 @@ def fit(
     geometry
         Tile geometry; default 112 µm / 224 px tiles and a 5x5 neighbour grid.
     config
-        Model configuration: a preset name (``"full"``, ``"no-multiscale"``, ``"no-group"``,
-        ``"contrastive-only"``, ``"no-instance"``), a dict, or a :class:`~genedml_sd.model.GeneDMLConfig`.
+        Model configuration. For Gene-DML: a preset name (``"full"``, ``"no-multiscale"``, ``"no-group"``,
+        ``"contrastive-only"``, ``"no-instance"``, ``"mse-only"``: the paper's ablations), a dict, or a
+        :class:`~genedml_sd.model.GeneDMLConfig`. For other methods: ``"default"``, a dict or their config.
     max_epochs
         Maximum training epochs.
     batch_size
@@ -145,7 +151,10 @@ def fit(
     -------
     The trained model.
     """
-    from genedml_sd.model import GeneDMLConfig, SlideTensors, train_gene_dml
+    from genedml_sd.model import SlideTensors
+    from genedml_sd.model._methods import get_method
+
+    config_cls, _, train_fn = get_method(method)
 
     slides = as_list(sdata)
     geometry = geometry or TileGeometry()
@@ -161,9 +170,8 @@ def fit(
             raise ValueError("genes contains duplicates.")
     exprs = [slide_expression(s, k, gene_list) for s, k in zip(slides, keys, strict=True)]
 
-    cfg = _build_config(config, config_overrides)
     enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
-    cfg = GeneDMLConfig.from_dict({**cfg.to_dict(), "enc_dim": ref.embed_dim, "n_genes": len(gene_list)})
+    cfg = _build_config(config_cls, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
     extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir}
     feats = [
         slide_features(s, k, enc, geometry, neighbours=cfg.use_neighbour, extraction=extraction)
@@ -188,7 +196,7 @@ def fit(
     logger.info("Training on %s, validating on %s", [t.name for t in train], [t.name for t in val or []])
 
     t0 = time.perf_counter()
-    lit = train_gene_dml(
+    lit = train_fn(
         train,
         val,
         cfg,
@@ -204,6 +212,9 @@ def fit(
     )
     seconds = time.perf_counter() - t0
     module = lit.model.cpu().eval()
+    cfg = getattr(lit, "config", cfg)
+    ranking = _gene_ranking(module, val or train, gene_list)
+    ranking_source = "validation sections" if val else "training sections (in-sample)"
     training = {
         "sections": [str(i["section"]) for i in infos],
         "patients": sorted({str(i["patient"]) for i in infos}),
@@ -212,6 +223,8 @@ def fit(
         "seconds": seconds,
         "seed": seed,
         "accelerator": accelerator,
+        "gene_ranking": ranking,
+        "gene_ranking_source": ranking_source,
     }
     return GeneDML(
         module=module,
@@ -222,24 +235,51 @@ def fit(
         normalization={"target_sum": TARGET_SUM, "log1p": True},
         history=list(lit.history),
         training=training,
+        method=method,
     )
 
 
-def _build_config(config: str | dict | Any, overrides: dict[str, Any]):
-    from genedml_sd.model import GeneDMLConfig
-
-    base = {"enc_dim": 1, "n_genes": 1}
+def _build_config(config_cls: type, config: Any, overrides: dict[str, Any], *, enc_dim: int, n_genes: int):
+    """The method's config from a preset name / dict / config object, with overrides and data sizes."""
+    sizes = {"enc_dim": int(enc_dim), "n_genes": int(n_genes)}
     if isinstance(config, str):
-        cfg = GeneDMLConfig.preset(config, **base)
+        if hasattr(config_cls, "preset"):
+            cfg = config_cls.preset(config, **sizes)
+        elif config in ("default", "full"):
+            cfg = config_cls(**sizes)
+        else:
+            raise KeyError(f"{config_cls.__name__} has no presets; pass config='default', a dict or a config.")
     elif isinstance(config, dict):
-        cfg = GeneDMLConfig.from_dict({**base, **config})
-    elif isinstance(config, GeneDMLConfig):
-        cfg = config
+        cfg = config_cls.from_dict({**config, **sizes})
+    elif isinstance(config, config_cls):
+        cfg = config_cls.from_dict({**config.to_dict(), **sizes})
     else:
-        raise TypeError(f"config must be a preset name, a dict or a GeneDMLConfig, got {type(config).__name__}.")
+        raise TypeError(
+            f"config must be a preset name, a dict or a {config_cls.__name__}, got {type(config).__name__}."
+        )
     if overrides:
         unknown = sorted(set(overrides) - set(cfg.to_dict()))
         if unknown:
-            raise TypeError(f"Unknown fit() arguments / config fields: {unknown}.")
-        cfg = GeneDMLConfig.from_dict({**cfg.to_dict(), **overrides})
+            raise TypeError(f"Unknown fit() arguments / {config_cls.__name__} fields: {unknown}.")
+        cfg = config_cls.from_dict({**cfg.to_dict(), **overrides})
     return cfg
+
+
+def _gene_ranking(module: Any, slides: Sequence[Any], genes: list[str]) -> list[str]:
+    """Genes ranked by PCC on training data only (validation slides if any, else the training slides).
+
+    This is what the leak-free PCC(H) of :func:`genedml_sd.tl.evaluate` uses to pick its top genes,
+    so no test data enters the choice.
+    """
+    import torch
+
+    from genedml_sd.tl._metrics import per_gene_pearson
+
+    pcc = []
+    with torch.inference_mode():
+        for s in slides:
+            pred = module.predict_slide(s.local, s.coords, s.neighbour).float().cpu().numpy()
+            pcc.append(per_gene_pearson(pred, s.expr.numpy(), genes)["pcc"].to_numpy())
+    mean = np.nanmean(np.vstack(pcc), axis=0) if pcc else np.zeros(len(genes))
+    order = np.argsort(-np.nan_to_num(mean, nan=-np.inf), kind="stable")
+    return [genes[i] for i in order]

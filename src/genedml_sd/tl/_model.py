@@ -157,8 +157,7 @@ class GeneDML:
         """Read a model written by :meth:`save`."""
         import torch
 
-        from genedml_sd.model import GeneDML as GeneDMLModule
-        from genedml_sd.model import GeneDMLConfig
+        from genedml_sd.model._methods import get_method
 
         folder = Path(path)
         meta_file = folder / META_FILE
@@ -167,8 +166,9 @@ class GeneDML:
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{folder} has model format {meta.get('format')}, expected {FORMAT_VERSION}.")
-        config = GeneDMLConfig.from_dict(meta["config"])
-        module = GeneDMLModule(config)
+        config_cls, module_cls, _ = get_method(meta.get("method", "gene-dml"))
+        config = config_cls.from_dict(meta["config"])
+        module = module_cls(config)
         module.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
         module.eval()
         return cls(
@@ -184,17 +184,9 @@ class GeneDML:
         )
 
     def __repr__(self) -> str:
-        scales = [
-            s
-            for s, on in zip(
-                ("local", "neighbour", "global"),
-                (self.config.use_local, self.config.use_neighbour, self.config.use_global),
-                strict=True,
-            )
-            if on
-        ]
+        scales = [s for s in ("local", "neighbour", "global") if getattr(self.config, f"use_{s}", False)]
         return (
-            f"GeneDML({len(self.genes)} genes, encoder={self.encoder.name!r}, scales={scales}, "
+            f"GeneDML(method={self.method!r}, {len(self.genes)} genes, encoder={self.encoder.name!r}, scales={scales}, "
             f"tiles={self.geometry.key()}, trained on {self.training.get('sections', '?')})"
         )
 

@@ -121,7 +121,7 @@ def predict(
 
 
 def _run_metadata(model: GeneDML, keys: Any, info: dict[str, Any]) -> dict[str, Any]:
-    return {
+    meta = {
         "method": model.method,
         "image_key": keys.image_key,
         "shapes_key": keys.shapes_key,
@@ -135,3 +135,7 @@ def _run_metadata(model: GeneDML, keys: Any, info: dict[str, Any]) -> dict[str, 
         "genedml_sd_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+    if model.training.get("gene_ranking"):
+        # genes ranked on training data only: the leak-free PCC(H) of gd.tl.evaluate uses it
+        meta["gene_ranking"] = list(model.training["gene_ranking"])
+    return meta

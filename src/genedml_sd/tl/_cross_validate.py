@@ -1,0 +1,207 @@
+"""``gd.tl.cross_validate``: leave-one-group-out evaluation without test-set leakage."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ._data import as_list, resolve_slide_keys, slide_expression, slide_features, slide_info
+from ._evaluate import N_TOP, score_predictions
+from ._fit import fit, resolve_encoder
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from genedml_sd.encoders import FrozenEncoder
+    from genedml_sd.tiling import TileGeometry
+
+logger = logging.getLogger(__name__)
+
+METRICS = ["pcc_a", "pcc_h", "pcc_h_leak_free", "mse", "mae"]
+
+
+def leave_one_group_out(groups: Sequence[str]) -> list[tuple[str, list[int], list[int]]]:
+    """Folds ``(test_group, train_indices, test_indices)``, one per distinct group, in sorted order."""
+    groups = [str(g) for g in groups]
+    out = []
+    for g in sorted(set(groups)):
+        test = [i for i, x in enumerate(groups) if x == g]
+        train = [i for i, x in enumerate(groups) if x != g]
+        out.append((g, train, test))
+    return out
+
+
+def cross_validate(
+    sdatas: Sequence[SpatialData],
+    *,
+    groups: str | Sequence[str] = "patient",
+    method: str = "gene-dml",
+    config: str | dict | Any = "full",
+    encoder: str | FrozenEncoder = "uni",
+    pretrained: bool = True,
+    weights: str | None = None,
+    hf_token: str | None = None,
+    geometry: TileGeometry | None = None,
+    genes: int | Sequence[str] = 250,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    val_sections: int | Sequence[str] | None = "auto",
+    n_top: int = N_TOP,
+    seed: int = 0,
+    max_epochs: int = 100,
+    cache_dir: str | None = None,
+    num_workers: int | None = None,
+    **fit_kwargs: Any,
+) -> pd.DataFrame:
+    """Leave-one-group-out cross-validation (by default: leave one patient out).
+
+    For each fold, genes are selected, normalisation statistics computed, the validation section
+    for early stopping drawn and the gene ranking of the leak-free PCC(H) made on the *training*
+    groups only; the held-out group is used for nothing but scoring. Frozen-encoder features are
+    extracted once per slide (disk cache) and shared by every fold and every method.
+
+    Parameters
+    ----------
+    sdatas
+        Slides with image, spots and counts table.
+    groups
+        ``"patient"`` or ``"section"`` (from each slide's sample metadata) or one label per slide.
+    method, config
+        Method and its configuration (see :func:`genedml_sd.tl.fit`).
+    encoder, pretrained, weights, hf_token, geometry
+        Frozen encoder and tile geometry, shared by all folds.
+    genes
+        Genes per fold: a number (selected on that fold's training slides) or a fixed list.
+    image_key, shapes_key, table_key
+        Elements of each slide (inferred when unambiguous).
+    val_sections
+        Validation hold-out within the training groups (see :func:`genedml_sd.tl.fit`).
+    n_top
+        Genes of PCC(H).
+    seed, max_epochs
+        Training seed and length.
+    cache_dir, num_workers
+        Feature cache location and tile-decoding workers.
+    **fit_kwargs
+        Further :func:`genedml_sd.tl.fit` arguments (``batch_size``, ``accelerator``, config fields...).
+
+    Returns
+    -------
+    One row per fold (``fold``, ``test_group``, ``test_sections``, ``train_sections``,
+    ``validation_sections``, ``n_test_spots``, the metrics ``pcc_a``, ``pcc_h``, ``pcc_h_leak_free``,
+    ``mse``, ``mae`` averaged over the fold's test slides, ``n_constant``, ``train_seconds``,
+    ``predict_seconds``), then a ``mean`` and an ``sd`` row over folds. ``df.attrs`` holds the
+    per-slide results (``"per_slide"``), feature-extraction seconds per slide
+    (``"feature_seconds"``), and the run settings.
+    """
+    slides = as_list(sdatas)
+    keys = [resolve_slide_keys(s, image_key, shapes_key, table_key, need_table=True) for s in slides]
+    infos = [slide_info(s, k) for s, k in zip(slides, keys, strict=True)]
+    names = [str(i["section"]) for i in infos]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Slide section names must be unique for cross-validation, got {names}.")
+    if isinstance(groups, str):
+        if groups not in ("patient", "section"):
+            raise ValueError(f"groups must be 'patient', 'section' or one label per slide, got {groups!r}.")
+        labels = [str(i[groups]) for i in infos]
+    else:
+        labels = [str(g) for g in groups]
+        if len(labels) != len(slides):
+            raise ValueError(f"groups has {len(labels)} labels for {len(slides)} slides.")
+    folds = leave_one_group_out(labels)
+    if len(folds) < 2:
+        raise ValueError(f"Cross-validation needs at least two groups, got {sorted(set(labels))}.")
+
+    from genedml_sd.tiling import TileGeometry
+
+    geometry = geometry or TileGeometry()
+    enc, _ = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+    extraction = {"cache_dir": cache_dir, "num_workers": num_workers}
+    feature_seconds = {}
+    for s, k, name in zip(slides, keys, names, strict=True):
+        t0 = time.perf_counter()
+        slide_features(s, k, enc, geometry, neighbours=True, extraction=extraction)
+        feature_seconds[name] = time.perf_counter() - t0
+
+    rows, per_slide = [], []
+    for fold, (group, train_idx, test_idx) in enumerate(folds):
+        logger.info("Fold %d: test %s = %s", fold, group, [names[i] for i in test_idx])
+        model = fit(
+            [slides[i] for i in train_idx],
+            image_key=image_key,
+            shapes_key=shapes_key,
+            table_key=table_key,
+            genes=genes,
+            encoder=enc,
+            pretrained=pretrained,
+            weights=weights,
+            geometry=geometry,
+            method=method,
+            config=config,
+            val_sections=val_sections,
+            seed=seed,
+            max_epochs=max_epochs,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+            **fit_kwargs,
+        )
+        t0 = time.perf_counter()
+        fold_scores = []
+        for i in test_idx:
+            s, k = slides[i], keys[i]
+            feats = slide_features(s, k, enc, geometry, neighbours=model.uses_neighbours, extraction=extraction)
+            pred = model.predict_features(feats)
+            obs = slide_expression(s, k, model.genes)
+            ev = score_predictions(
+                pred, obs, model.genes, reference_ranking=model.training["gene_ranking"], n_top=n_top
+            )
+            fold_scores.append(ev.summary)
+            per_slide.append({"fold": fold, "test_group": group, "section": names[i], **_plain(ev.summary)})
+        predict_seconds = time.perf_counter() - t0
+        rows.append(
+            {
+                "fold": fold,
+                "test_group": group,
+                "test_sections": ",".join(names[i] for i in test_idx),
+                "train_sections": ",".join(model.training["sections"]),
+                "validation_sections": ",".join(model.training["validation_sections"]),
+                "n_test_spots": int(sum(s["n_spots"] for s in fold_scores)),
+                **{m: float(np.nanmean([s[m] for s in fold_scores])) for m in METRICS},
+                "n_constant": int(sum(s["n_constant"] for s in fold_scores)),
+                "epochs": model.training["epochs"],
+                "train_seconds": float(model.training["seconds"]),
+                "predict_seconds": predict_seconds,
+            }
+        )
+    df = pd.DataFrame(rows)
+    numeric = [*METRICS, "train_seconds", "predict_seconds"]
+    summary = pd.DataFrame(
+        [
+            {"fold": "mean", "test_group": "all", **df[numeric].mean().to_dict()},
+            {"fold": "sd", "test_group": "all", **df[numeric].std(ddof=1).to_dict()},
+        ]
+    )
+    out = pd.concat([df.astype({"fold": object}), summary], ignore_index=True)
+    out.attrs.update(
+        {
+            "per_slide": per_slide,
+            "feature_seconds": feature_seconds,
+            "method": method,
+            "config": config if isinstance(config, str | dict) else config.to_dict(),
+            "encoder": enc.name,
+            "encoder_fingerprint": enc.fingerprint,
+            "groups": groups if isinstance(groups, str) else labels,
+            "seed": seed,
+        }
+    )
+    return out
+
+
+def _plain(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k != "leak_free_genes"}

@@ -1,0 +1,192 @@
+"""``gd.tl.evaluate``: per-gene and summary metrics of a prediction table against observed counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from genedml_sd._spatial import ATTRS_KEY, resolve_key, table_rows_for_shapes
+from genedml_sd.pp import TARGET_SUM, normalized_expression
+
+from ._metrics import per_gene_pearson
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+N_TOP = 50
+
+
+@dataclass
+class Evaluation:
+    """Result of :func:`evaluate`.
+
+    Attributes
+    ----------
+    per_gene
+        One row per gene: ``pcc``, ``pvalue`` (two-sided, t-test of r), ``mse``, ``mae``,
+        ``n_spots``, ``constant`` (observed expression constant over the spots: PCC undefined, the
+        gene is excluded from the PCC summaries and counted).
+    summary
+        ``pcc_a`` (mean PCC over non-constant genes), ``pcc_h`` (the paper's: mean of the 50 highest
+        test PCCs), ``pcc_h_leak_free`` (mean test PCC of the 50 genes ranked highest on *training*
+        data), ``mse``, ``mae`` (over all spots and genes), ``n_genes``, ``n_constant``, ``n_spots``.
+    """
+
+    per_gene: pd.DataFrame
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"Evaluation({s.get('n_genes')} genes x {s.get('n_spots')} spots: PCC(A)={s.get('pcc_a', np.nan):.3f}, "
+            f"PCC(H)={s.get('pcc_h', np.nan):.3f}, PCC(H) leak-free={s.get('pcc_h_leak_free', np.nan):.3f}, "
+            f"MSE={s.get('mse', np.nan):.3f}, MAE={s.get('mae', np.nan):.3f})"
+        )
+
+
+def pearson_pvalues(r: np.ndarray, n: int) -> np.ndarray:
+    """Two-sided p-values of Pearson correlations ``r`` over ``n`` samples (Student t, n - 2 dof)."""
+    from scipy import stats
+
+    r = np.asarray(r, dtype=np.float64)
+    if n < 3:
+        return np.full_like(r, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = r * np.sqrt((n - 2) / np.clip(1 - r**2, 1e-300, None))
+    p = 2 * stats.t.sf(np.abs(t), n - 2)
+    return np.where(np.isnan(r), np.nan, p)
+
+
+def score_predictions(
+    pred: np.ndarray,
+    obs: np.ndarray,
+    genes: Sequence[str],
+    *,
+    reference_ranking: Sequence[str] | None = None,
+    n_top: int = N_TOP,
+) -> Evaluation:
+    """Metrics of predicted vs observed log-normalised expression of one slide.
+
+    Parameters
+    ----------
+    pred, obs
+        (n_spots, n_genes) predicted and observed expression.
+    genes
+        Gene names, n_genes.
+    reference_ranking
+        Genes ranked on training data only (best first); its first ``n_top`` genes that are not
+        constant on this slide define the leak-free PCC(H).
+    n_top
+        Number of genes of PCC(H).
+    """
+    genes = list(genes)
+    per_gene = per_gene_pearson(pred, obs, genes)
+    per_gene.insert(1, "pvalue", pearson_pvalues(per_gene["pcc"].to_numpy(), obs.shape[0]))
+    valid = per_gene.loc[~per_gene["constant"] & per_gene["pcc"].notna(), "pcc"]
+    summary: dict[str, Any] = {
+        "pcc_a": float(valid.mean()) if len(valid) else np.nan,
+        "pcc_h": float(valid.sort_values(ascending=False).head(n_top).mean()) if len(valid) else np.nan,
+        "pcc_h_leak_free": np.nan,
+        "mse": float(np.mean((np.asarray(pred, np.float64) - obs) ** 2)),
+        "mae": float(np.mean(np.abs(np.asarray(pred, np.float64) - obs))),
+        "n_genes": len(genes),
+        "n_constant": int(per_gene["constant"].sum()),
+        "n_spots": int(obs.shape[0]),
+        "n_top": int(n_top),
+    }
+    if reference_ranking is not None:
+        top = [g for g in reference_ranking if g in valid.index][:n_top]
+        summary["pcc_h_leak_free"] = float(valid.loc[top].mean()) if top else np.nan
+        summary["leak_free_genes"] = top
+    return Evaluation(per_gene, summary)
+
+
+def evaluate(
+    sdata: SpatialData,
+    *,
+    pred_key: str = "gd_predictions",
+    table_key: str | None = None,
+    reference_ranking: Sequence[str] | None = None,
+    n_top: int = N_TOP,
+    inplace: bool = True,
+) -> Evaluation:
+    """Compare a prediction table with the observed counts of the same spots.
+
+    Observed counts are log-normalised as in training (library size to ``target_sum``, ``log1p``).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData holding the prediction table (from :func:`genedml_sd.tl.predict`) and a counts
+        table annotating the same spots.
+    pred_key
+        Name of the prediction table.
+    table_key
+        Name of the counts table; inferred as the one table annotating the same spots that is not a
+        prediction table.
+    reference_ranking
+        Genes ranked on training data (best first) for the leak-free PCC(H); by default the ranking
+        the model stored when it was trained (PCC on its validation sections), found in the
+        prediction table's ``uns``.
+    n_top
+        Number of genes of PCC(H) (50 in the paper).
+    inplace
+        Store the per-gene table and the summary in ``sdata.tables[pred_key].uns["genedml_sd"]["evaluation"]``.
+
+    Returns
+    -------
+    The per-gene metrics and the summary (see :class:`Evaluation`).
+    """
+    pred_key = resolve_key(sdata, "tables", pred_key)
+    pred_table = sdata.tables[pred_key]
+    attrs = pred_table.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region")
+    shapes_key = region if isinstance(region, str) else (list(region)[0] if region is not None else None)
+    if shapes_key is None or shapes_key not in sdata.shapes:
+        raise ValueError(f"Prediction table {pred_key!r} does not annotate a shapes element of this SpatialData.")
+    table_key = _observed_table(sdata, shapes_key, pred_key, table_key)
+    shapes = sdata[shapes_key]
+    genes = list(pred_table.var_names)
+    obs_table = sdata.tables[table_key]
+    obs_rows = table_rows_for_shapes(obs_table, shapes, shapes_key, table_key)
+    pred_rows = table_rows_for_shapes(pred_table, shapes, shapes_key, pred_key)
+    info = pred_table.uns.get(ATTRS_KEY, {})
+    if float(info.get("normalization", {}).get("target_sum", TARGET_SUM)) != TARGET_SUM:
+        raise ValueError(f"Prediction table {pred_key!r} was made with another normalisation target sum.")
+    obs = normalized_expression(obs_table[obs_rows], genes, table_key=table_key)
+    x = pred_table.X[pred_rows]
+    pred = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    if reference_ranking is None:
+        reference_ranking = info.get("gene_ranking")
+    result = score_predictions(pred, obs, genes, reference_ranking=reference_ranking, n_top=n_top)
+    result.summary["table_key"] = table_key
+    if inplace:
+        store = dict(pred_table.uns.get(ATTRS_KEY, {}))
+        store["evaluation"] = {
+            "summary": {k: v for k, v in result.summary.items() if k != "leak_free_genes"},
+            "per_gene": result.per_gene.reset_index(),
+        }
+        pred_table.uns[ATTRS_KEY] = store
+    return result
+
+
+def _observed_table(sdata: SpatialData, shapes_key: str, pred_key: str, table_key: str | None) -> str:
+    if table_key is not None:
+        return resolve_key(sdata, "tables", table_key)
+    candidates = []
+    for name, table in sdata.tables.items():
+        if name == pred_key or "method" in table.uns.get(ATTRS_KEY, {}):
+            continue  # another prediction table
+        region = table.uns.get("spatialdata_attrs", {}).get("region")
+        regions = [region] if isinstance(region, str) else list(region or [])
+        if shapes_key in regions:
+            candidates.append(name)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise KeyError(f"No counts table annotates {shapes_key!r} besides {pred_key!r}; tables: {list(sdata.tables)}.")
+    raise KeyError(f"Several counts tables annotate {shapes_key!r}: {candidates}. Pass table_key=... .")

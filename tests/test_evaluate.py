@@ -1,0 +1,110 @@
+"""Evaluation: metrics against a hand computation, folds, leak-free PCC(H), cross-validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import genedml_sd as gd
+from genedml_sd.tl import leave_one_group_out, score_predictions
+
+ENCODER = "stain-texture"
+
+
+def test_metrics_match_hand_computation_with_a_constant_gene():
+    obs = np.array([[1.0, 0.0, 2.0], [2.0, 1.0, 2.0], [3.0, 0.0, 2.0], [4.0, 1.0, 2.0]])
+    pred = np.array([[1.5, 0.2, 1.0], [1.0, 0.9, 2.0], [3.5, 0.1, 3.0], [4.0, 0.4, 2.0]])
+    ev = score_predictions(pred, obs, ["g1", "g2", "g3"], reference_ranking=["g3", "g2", "g1"], n_top=1)
+    pg = ev.per_gene
+    for j, g in enumerate(["g1", "g2"]):
+        r, p = stats.pearsonr(pred[:, j], obs[:, j])
+        assert pg.loc[g, "pcc"] == pytest.approx(r, rel=1e-10)
+        assert pg.loc[g, "pvalue"] == pytest.approx(p, rel=1e-6)
+    # g3 is constant in the observations: flagged, no PCC, left out of PCC summaries
+    assert pg.loc["g3", "constant"] and np.isnan(pg.loc["g3", "pcc"]) and not pg.loc["g1", "constant"]
+    assert pg.loc["g1", "mse"] == pytest.approx(np.mean((pred[:, 0] - obs[:, 0]) ** 2))
+    assert pg.loc["g2", "mae"] == pytest.approx(np.mean(np.abs(pred[:, 1] - obs[:, 1])))
+    r1, r2 = pg.loc["g1", "pcc"], pg.loc["g2", "pcc"]
+    s = ev.summary
+    assert s["pcc_a"] == pytest.approx((r1 + r2) / 2)
+    assert s["pcc_h"] == pytest.approx(max(r1, r2))  # top 1 by test PCC
+    assert s["pcc_h_leak_free"] == pytest.approx(r2)  # g3 is skipped (constant), g2 is next in the ranking
+    assert s["mse"] == pytest.approx(np.mean((pred - obs) ** 2)) and s["mae"] == pytest.approx(
+        np.mean(np.abs(pred - obs))
+    )
+    assert s["n_constant"] == 1 and s["n_spots"] == 4 and s["n_genes"] == 3
+
+
+def test_leave_one_group_out_never_shares_a_group():
+    groups = ["A", "B", "B", "C", "C", "C", "A"]
+    folds = leave_one_group_out(groups)
+    assert [f[0] for f in folds] == ["A", "B", "C"]
+    for g, train, test in folds:
+        assert {groups[i] for i in test} == {g}
+        assert g not in {groups[i] for i in train}
+        assert sorted(train + test) == list(range(len(groups)))
+
+
+def test_leak_free_top_genes_ignore_the_test_data():
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(50, 6))
+    pred = obs + rng.normal(scale=[0.1, 3, 3, 3, 3, 0.2], size=(50, 6))
+    genes = list("abcdef")
+    ranking = ["c", "d", "a", "b", "e", "f"]
+    ev1 = score_predictions(pred, obs, genes, reference_ranking=ranking, n_top=2)
+    # destroy what the test data says about c and d: the leak-free choice must not move, the paper's may
+    obs2 = obs.copy()
+    obs2[:, 0] = rng.permutation(obs2[:, 0])
+    ev2 = score_predictions(pred, obs2, genes, reference_ranking=ranking, n_top=2)
+    assert ev1.summary["leak_free_genes"] == ev2.summary["leak_free_genes"] == ["c", "d"]
+    # the paper-style PCC(H) picks the best genes on the test slide itself, so it is higher
+    assert ev1.summary["pcc_h"] > ev1.summary["pcc_h_leak_free"]
+
+
+@pytest.fixture(scope="module")
+def ridge_cv(demo):
+    b4, c2, c3, c4 = demo
+    return gd.tl.cross_validate(
+        [c2, c3, b4, c4], groups="patient", method="ridge", config="default", encoder=ENCODER, genes=30, max_epochs=1
+    )
+
+
+def test_cross_validate_folds_and_summary(ridge_cv):
+    df = ridge_cv
+    folds = df[~df["fold"].isin(["mean", "sd"])]
+    assert list(folds["test_group"]) == ["B", "C"]
+    assert folds.iloc[0]["test_sections"] == "B4" and "B4" not in folds.iloc[0]["train_sections"]
+    assert set(folds.iloc[1]["test_sections"].split(",")) == {"C2", "C3", "C4"}
+    assert "C" not in {s[0] for s in folds.iloc[0]["test_sections"].split(",")} - {"B"}
+    mean = df[df["fold"] == "mean"].iloc[0]
+    assert mean["pcc_a"] == pytest.approx(folds["pcc_a"].mean())
+    assert np.isfinite(folds[["pcc_a", "pcc_h", "pcc_h_leak_free", "mse", "mae"]].to_numpy(float)).all()
+    assert (folds["pcc_h"] >= folds["pcc_h_leak_free"] - 1e-12).all()
+    assert set(df.attrs["feature_seconds"]) == {"B4", "C2", "C3", "C4"}
+    assert len(df.attrs["per_slide"]) == 4
+
+
+def test_evaluate_on_a_prediction_table(demo):
+    b4, c2, c3, c4 = demo
+    model = gd.tl.fit([c2, c3], method="ridge", config="default", encoder=ENCODER, genes=25, val_sections=None)
+    assert model.training["gene_ranking"] and set(model.training["gene_ranking"]) == set(model.genes)
+    gd.tl.predict(c4, model, key_added="gd_eval", overwrite=True)
+    try:
+        ev = gd.tl.evaluate(c4, pred_key="gd_eval")
+        assert ev.summary["table_key"] == "table" and ev.summary["n_spots"] == c4["C4_spots"].shape[0]
+        stored = c4.tables["gd_eval"].uns["genedml_sd"]["evaluation"]
+        assert stored["summary"]["pcc_a"] == pytest.approx(ev.summary["pcc_a"])
+        assert isinstance(stored["per_gene"], pd.DataFrame) and len(stored["per_gene"]) == 25
+        # same numbers as scoring by hand from the raw counts
+        from genedml_sd.tl._data import resolve_slide_keys, slide_expression
+
+        keys = resolve_slide_keys(c4, None, None, "table", need_table=True)
+        obs = slide_expression(c4, keys, model.genes)
+        ref = gd.tl.per_gene_pearson(c4.tables["gd_eval"].X, obs, model.genes)
+        np.testing.assert_allclose(ev.per_gene["pcc"].to_numpy(), ref["pcc"].to_numpy())
+        with pytest.raises(KeyError, match="pred_key|nope"):
+            gd.tl.evaluate(c4, pred_key="nope")
+    finally:
+        del c4.tables["gd_eval"]
