@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -773,60 +771,23 @@ def _train_local(
     """Lightning loop shared by the MLP and BLEEP (same protocol as ``train_gene_dml``)."""
     import lightning.pytorch as pl
 
-    from ._lightning import _History, resolve_precision
+    from ._lightning import fit_lightning
 
     pl.seed_everything(seed, workers=True, verbose=False)
     lit = _lit_class()(make_model(), train, val, batch_size=batch_size, seed=seed)
-    callbacks: list[pl.Callback] = [_History()]
-    tmp = None
-    ckpt = None
-    if val:
-        if checkpoint_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="genedml-baseline-ckpt-")
-            checkpoint_dir = tmp.name
-        ckpt = pl.callbacks.ModelCheckpoint(
-            dirpath=str(checkpoint_dir),
-            monitor="val/pcc",
-            mode="max",
-            save_top_k=1,
-            save_weights_only=True,
-            filename="best-{epoch}",
-        )
-        callbacks += [ckpt, pl.callbacks.EarlyStopping(monitor="val/pcc", mode="max", patience=patience)]
-    elif checkpoint_dir is not None:
-        ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_weights_only=True)
-        callbacks.append(ckpt)
-    trainer = pl.Trainer(
+    lit = fit_lightning(
+        lit,
+        has_val=bool(val),
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=devices,
         strategy=strategy,
-        precision=resolve_precision(precision, accelerator),
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=ckpt is not None,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        limit_val_batches=1.0 if val else 0,
-        **(trainer_kwargs or {}),
+        precision=precision,
+        patience=patience,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        trainer_kwargs=trainer_kwargs,
     )
-    try:
-        trainer.fit(lit)
-        if val and ckpt is not None and ckpt.best_model_path:
-            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-            lit.load_state_dict(state)
-            best = ckpt.best_model_score
-            logger.info(
-                "Restored best epoch (val/pcc=%.4f) from %s",
-                float(best) if best is not None else math.nan,
-                ckpt.best_model_path,
-            )
-            lit.best_epoch = int(Path(ckpt.best_model_path).stem.split("=")[-1])
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     if hasattr(lit.model, "build_reference"):
         lit.model.build_reference()
     lit.model.eval()

@@ -39,13 +39,22 @@ def mean_gene_pcc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((p * t).sum(0)[ok] / denom[ok]).mean()
 
 
-class LitGeneDML(pl.LightningModule):
-    """LightningModule training a :class:`GeneDML` on a list of slides.
+class SlideLightningModule(pl.LightningModule):
+    """Base LightningModule of the slide-level methods: data, validation and optimiser.
+
+    Holds the training and validation slides, draws within-slide spot batches (:class:`SpotBatches`,
+    reshuffled every epoch), validates by predicting each whole validation slide with
+    ``model.predict_slide`` (logging ``val/pcc``, the mean per-gene Pearson r, and ``val/mse``), and
+    optimises with Adam + StepLR (``config.lr``, ``weight_decay``, ``step_size``, ``gamma``). The frozen
+    features are standardised with training statistics and the output bias starts at the mean
+    training expression. Subclasses implement ``training_step``.
 
     Parameters
     ----------
     config
-        Model configuration.
+        The method's configuration (``enc_dim``, ``n_genes``, ``use_neighbour``, optimiser fields).
+    model
+        The ``nn.Module`` to train (with ``predict_slide``, ``set_feature_stats``, ``set_output_bias``).
     train, val
         Training and (optional) validation slides, with expression.
     batch_size
@@ -56,7 +65,8 @@ class LitGeneDML(pl.LightningModule):
 
     def __init__(
         self,
-        config: GeneDMLConfig,
+        config: Any,
+        model: torch.nn.Module,
         train: Sequence[SlideTensors],
         val: Sequence[SlideTensors] | None = None,
         *,
@@ -77,7 +87,7 @@ class LitGeneDML(pl.LightningModule):
             if config.use_neighbour and s.neighbour is None:
                 raise ValueError(f"Slide {s.name!r} has no neighbour features but use_neighbour=True.")
         self.config = config
-        self.model = GeneDML(config)
+        self.model = model
         self.train_slides = list(train)
         self.val_slides = list(val or [])
         self.batch_size = batch_size
@@ -101,35 +111,18 @@ class LitGeneDML(pl.LightningModule):
         """Reshuffle the batches for this epoch."""
         self.batches.set_epoch(self.current_epoch)
 
-    def _gather(self, slide: SlideTensors, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dev = self.device
-        idx_cpu = idx.cpu()
-        local = slide.local[idx_cpu].to(dev, non_blocking=True)
-        nb = slide.neighbour[idx_cpu].to(dev, non_blocking=True) if self.config.use_neighbour else None
-        expr = slide.expr[idx_cpu].to(dev, non_blocking=True)
-        glob = None
-        if self.config.use_global:
-            glob = self.model.encode_global(slide.local.to(dev), slide.coords.to(dev))[idx.to(dev)]
-        return local, nb, glob, expr
-
     # ----------------------------------------------------------------------------- steps
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One batch of one slide: forward, losses, logs."""
-        slide = self.train_slides[int(batch["slide"])]
-        local, nb, glob, expr = self._gather(slide, batch["index"])
-        out = self.model(local, nb, glob)
-        losses = self.model.loss(out, expr)
-        n = local.shape[0]
+    def log_losses(self, losses: dict[str, torch.Tensor], n: int) -> None:
+        """Log each loss part as an epoch mean ``train/<name>``."""
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        if self.config.instance_loss:
-            self.log("train/tau", self.model.tau, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        return losses["total"]
 
     def validation_step(self, batch: int | torch.Tensor, batch_idx: int) -> None:
         """Predict a whole validation slide; log mean per-gene PCC and MSE."""
         slide = self.val_slides[int(batch)]
-        pred = self.model.predict_slide(slide.local, slide.coords, slide.neighbour, batch_size=self.batch_size)
+        pred = self.model.predict_slide(
+            slide.local, slide.coords, slide.neighbour, batch_size=max(self.batch_size, 1024)
+        )
         target = slide.expr.to(pred.device)
         self.log("val/pcc", mean_gene_pcc(pred, target), batch_size=1, sync_dist=True)
         self.log("val/mse", torch.nn.functional.mse_loss(pred, target), batch_size=1, sync_dist=True)
@@ -142,6 +135,56 @@ class LitGeneDML(pl.LightningModule):
         )
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class LitGeneDML(SlideLightningModule):
+    """LightningModule training a :class:`GeneDML` on a list of slides.
+
+    Parameters
+    ----------
+    config
+        Model configuration.
+    train, val
+        Training and (optional) validation slides, with expression.
+    batch_size
+        Spots per batch (batches stay within a slide).
+    seed
+        Seed of the batch order.
+    """
+
+    def __init__(
+        self,
+        config: GeneDMLConfig,
+        train: Sequence[SlideTensors],
+        val: Sequence[SlideTensors] | None = None,
+        *,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(config, GeneDML(config), train, val, batch_size=batch_size, seed=seed)
+
+    def _gather(self, slide: SlideTensors, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dev = self.device
+        idx_cpu = idx.cpu()
+        local = slide.local[idx_cpu].to(dev, non_blocking=True)
+        nb = slide.neighbour[idx_cpu].to(dev, non_blocking=True) if self.config.use_neighbour else None
+        expr = slide.expr[idx_cpu].to(dev, non_blocking=True)
+        glob = None
+        if self.config.use_global:
+            glob = self.model.encode_global(slide.local.to(dev), slide.coords.to(dev))[idx.to(dev)]
+        return local, nb, glob, expr
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One batch of one slide: forward, losses, logs."""
+        slide = self.train_slides[int(batch["slide"])]
+        local, nb, glob, expr = self._gather(slide, batch["index"])
+        out = self.model(local, nb, glob)
+        losses = self.model.loss(out, expr)
+        n = local.shape[0]
+        self.log_losses(losses, n)
+        if self.config.instance_loss:
+            self.log("train/tau", self.model.tau, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        return losses["total"]
 
 
 class _History(pl.Callback):
@@ -234,10 +277,44 @@ def train_gene_dml(
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     lit = LitGeneDML(config, train, val, batch_size=batch_size, seed=seed)
+    return fit_lightning(
+        lit,
+        has_val=bool(val),
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        patience=patience,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        trainer_kwargs=trainer_kwargs,
+    )
+
+
+def fit_lightning(
+    lit: pl.LightningModule,
+    *,
+    has_val: bool,
+    max_epochs: int,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    precision: str | None = None,
+    patience: int = 10,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> pl.LightningModule:
+    """The training loop shared by every method: Trainer, early stopping on ``val/pcc``, best-epoch restore.
+
+    ``lit`` must log ``val/pcc`` when ``has_val`` and keep a ``history`` list (filled by
+    :class:`_History`). Returns ``lit`` with the best epoch's weights and ``best_epoch`` set.
+    """
     callbacks: list[pl.Callback] = [_History()]
     tmp = None
     ckpt = None
-    if val:
+    if has_val:
         if checkpoint_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="genedml-ckpt-")
             checkpoint_dir = tmp.name
@@ -268,11 +345,11 @@ def train_gene_dml(
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
                 log_every_n_steps=1,
-                **({} if val else {"limit_val_batches": 0}),
+                **({} if has_val else {"limit_val_batches": 0}),
                 **(trainer_kwargs or {}),
             )
             trainer.fit(lit)
-        if val and ckpt is not None and ckpt.best_model_path:
+        if has_val and ckpt is not None and ckpt.best_model_path:
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             lit.load_state_dict(state)
             best = ckpt.best_model_score

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from ._data import SlideTensors, SpotBatches
-from ._lightning import _History, mean_gene_pcc, resolve_precision
+from ._data import SlideTensors
+from ._lightning import SlideLightningModule, fit_lightning
 from ._nh2st import NH2ST, NH2STConfig, spot_neighbourhood
 
 logger = logging.getLogger(__name__)
 
 
-class LitNH2ST(pl.LightningModule):
+class LitNH2ST(SlideLightningModule):
     """LightningModule training an :class:`~genedml_sd.model._nh2st.NH2ST` on a list of slides.
 
     The spot neighbourhood of every training slide (:func:`spot_neighbourhood`, radius and pitch
@@ -49,42 +46,8 @@ class LitNH2ST(pl.LightningModule):
         batch_size: int = 256,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if not train:
-            raise ValueError("No training slides.")
-        for s in [*train, *(val or [])]:
-            if s.expr is None:
-                raise ValueError(f"Slide {s.name!r} has no expression targets.")
-            if s.expr.shape[1] != config.n_genes or s.local.shape[1] != config.enc_dim:
-                raise ValueError(
-                    f"Slide {s.name!r} has {s.expr.shape[1]} genes / {s.local.shape[1]}-d features, the config "
-                    f"expects {config.n_genes} / {config.enc_dim}."
-                )
-        self.config = config
-        self.model = NH2ST(config)
-        self.train_slides = list(train)
-        self.val_slides = list(val or [])
-        self.batch_size = batch_size
-        self.seed = seed
+        super().__init__(config, NH2ST(config), train, val, batch_size=batch_size, seed=seed)
         self.neighbourhoods = [spot_neighbourhood(s.coords, config.pitch_um, config.radius) for s in self.train_slides]
-        self.batches = SpotBatches([s.n_spots for s in self.train_slides], batch_size, seed)
-        self.history: list[dict[str, Any]] = []
-        feats = torch.cat([s.local for s in self.train_slides])
-        self.model.set_feature_stats(feats.mean(0), feats.std(0))
-        self.model.set_output_bias(torch.cat([s.expr for s in self.train_slides]).mean(0))
-
-    # ----------------------------------------------------------------------------- data
-    def train_dataloader(self) -> DataLoader:
-        """Within-slide spot batches (indices only; features are gathered in the step)."""
-        return DataLoader(self.batches, batch_size=None, shuffle=False, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
-        """One item per validation slide."""
-        return DataLoader(list(range(len(self.val_slides))), batch_size=None, shuffle=False)
-
-    def on_train_epoch_start(self) -> None:
-        """Reshuffle the batches for this epoch."""
-        self.batches.set_epoch(self.current_epoch)
 
     def gather(self, slide_index: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Tensors of a batch on the module's device.
@@ -113,25 +76,8 @@ class LitNH2ST(pl.LightningModule):
         """One batch of one slide: gather, losses, logs."""
         local, expr, node_local, node_expr, mask = self.gather(int(batch["slide"]), batch["index"])
         losses = self.model.loss(local, expr, node_local, node_expr, mask)
-        n = local.shape[0]
-        for name, value in losses.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log_losses(losses, local.shape[0])
         return losses["total"]
-
-    def validation_step(self, batch: int | torch.Tensor, batch_idx: int) -> None:
-        """Predict a whole validation slide; log mean per-gene PCC and MSE."""
-        slide = self.val_slides[int(batch)]
-        pred = self.model.predict_slide(slide.local, slide.coords, batch_size=max(self.batch_size, 1024))
-        target = slide.expr.to(pred.device)
-        self.log("val/pcc", mean_gene_pcc(pred, target), batch_size=1, sync_dist=True)
-        self.log("val/mse", torch.nn.functional.mse_loss(pred, target), batch_size=1, sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """Adam + StepLR (per epoch)."""
-        cfg = self.config
-        opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
 def fit_nh2st(
@@ -159,54 +105,17 @@ def fit_nh2st(
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     lit = LitNH2ST(config, train, val, batch_size=batch_size, seed=seed)
-    callbacks: list[pl.Callback] = [_History()]
-    tmp = None
-    ckpt = None
-    if val:
-        if checkpoint_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="nh2st-ckpt-")
-            checkpoint_dir = tmp.name
-        ckpt = pl.callbacks.ModelCheckpoint(
-            dirpath=str(checkpoint_dir),
-            monitor="val/pcc",
-            mode="max",
-            save_top_k=1,
-            save_weights_only=True,
-            filename="best-{epoch}",
-        )
-        callbacks += [ckpt, pl.callbacks.EarlyStopping(monitor="val/pcc", mode="max", patience=patience)]
-    elif checkpoint_dir is not None:
-        ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_weights_only=True)
-        callbacks.append(ckpt)
-    trainer = pl.Trainer(
+    lit = fit_lightning(
+        lit,
+        has_val=bool(val),
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=devices,
         strategy=strategy,
-        precision=resolve_precision(precision, accelerator),
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=ckpt is not None,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        limit_val_batches=1.0 if val else 0,
-        **(trainer_kwargs or {}),
+        precision=precision,
+        patience=patience,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        trainer_kwargs=trainer_kwargs,
     )
-    try:
-        trainer.fit(lit)
-        if val and ckpt is not None and ckpt.best_model_path:
-            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-            lit.load_state_dict(state)
-            best = ckpt.best_model_score
-            logger.info(
-                "Restored best epoch (val/pcc=%.4f) from %s",
-                float(best) if best is not None else np.nan,
-                ckpt.best_model_path,
-            )
-            lit.best_epoch = int(Path(ckpt.best_model_path).stem.split("=")[-1])
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return lit
