@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 from _common import HER2ST, device_info, markdown_table, peak_rss_mb, save
 
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--spots", type=int, default=96, help="spots (= local tiles) per measurement")
     p.add_argument("--section", default="B4")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved raw/full measurements (median reported)")
     args = p.parse_args()
 
     gd.settings.progress = False
@@ -66,8 +68,12 @@ def main() -> None:
     for name in args.encoders:
         enc = load_encoder(name, pretrained=False)
         batch = 32 if device.type == "cpu" else 256
-        raw = raw_throughput(enc, device, args.spots, batch, args.precision)
-        full = full_throughput(sdata, enc, device, args.spots, batch, args.precision)
+        # interleaved raw / full / raw / full so that a change in machine load hits both alike
+        raws, fulls = [], []
+        for _ in range(args.rounds):
+            raws.append(raw_throughput(enc, device, args.spots, batch, args.precision))
+            fulls.append(full_throughput(sdata, enc, device, args.spots, batch, args.precision))
+        raw, full = float(np.median(raws)), float(np.median(fulls))
         rows.append(
             {
                 "encoder": name,

@@ -1,0 +1,307 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genedml_sd._spatial import get_pixel_size, image_levels, set_pixel_size, spot_radius_px, spots_to_pixels
+
+# ---------------------------------------------------------------------------------------------- helpers
+SQUARE_ROWS, SQUARE_COLS = (160, 320), (192, 448)  # tissue square of the synthetic image, scale0 px
+SYN_UM_PER_PX = 2.0
+
+
+def _affine(element, cs="global"):
+    from spatialdata.transformations import get_transformation
+
+    t = get_transformation(element, to_coordinate_system=cs)
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+
+
+def _b4_view(demo):
+    """A fresh SpatialData sharing B4's image and spots (the session fixture stays untouched)."""
+    from spatialdata import SpatialData
+
+    b4 = demo[0]
+    view = SpatialData(images={"B4_he": b4["B4_he"]}, shapes={"B4_spots": b4["B4_spots"]})
+    set_pixel_size(view, "B4_he", get_pixel_size(b4, "B4_he"))
+    return view
+
+
+def _synthetic(*, blank=False, multiscale=False):
+    """White 600 x 480 px image at 2 µm/px with a purple square of 'tissue', Scale(2, 2) to global."""
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(242, 256, size=(3, 480, 600)).astype(np.uint8)  # slightly noisy glass
+    if not blank:
+        img[:, slice(*SQUARE_ROWS), slice(*SQUARE_COLS)] = np.array([150, 80, 160], dtype=np.uint8)[:, None, None]
+    el = Image2DModel.parse(
+        img,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        scale_factors=[2, 2] if multiscale else None,
+        transformations={"global": Scale([2.0, 2.0], axes=("x", "y"))},
+    )
+    sdata = SpatialData(images={"syn_he": el})
+    set_pixel_size(sdata, "syn_he", SYN_UM_PER_PX)
+    return sdata
+
+
+def _snapshot(sdata):
+    from spatialdata.transformations import get_transformation
+
+    return (
+        {name: get_transformation(el, get_all=True) for _, name, el in sdata._gen_elements()},
+        {name: (el.shape if hasattr(el, "shape") else None) for _, name, el in sdata._gen_elements()},
+        dict(sdata.attrs),
+    )
+
+
+def _assert_only_added(before, after, new_key):
+    (tf0, shapes0, attrs0), (tf1, shapes1, attrs1) = before, after
+    assert set(tf1) == set(tf0) | {new_key}
+    for name, t in tf0.items():
+        assert {cs: repr(v) for cs, v in tf1[name].items()} == {cs: repr(v) for cs, v in t.items()}
+        assert shapes1[name] == shapes0[name]
+    assert attrs1 == attrs0
+
+
+def _nn_distances(xy):
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return d[:, 1]
+
+
+# ---------------------------------------------------------------------------------------------- tissue mask, B4
+def test_tissue_mask_covers_b4_spots(demo, monkeypatch):
+    import genedml_sd.pp._grid as grid_mod
+    from genedml_sd.pp._grid import tissue_mask
+
+    sdata = _b4_view(demo)
+    um0 = get_pixel_size(sdata, "B4_he")
+
+    # The two finest levels (<= 2.8 µm/px) must never be computed: make them explode if they are.
+    real_levels = grid_mod.image_levels
+
+    def guarded_levels(image):
+        levels = real_levels(image)
+        if len(levels) < 3:
+            return levels
+
+        def boom(block):
+            raise AssertionError("a fine pyramid level was computed")
+
+        return [lv.copy(data=lv.data.map_blocks(boom, dtype=lv.dtype)) for lv in levels[:2]] + levels[2:]
+
+    monkeypatch.setattr(grid_mod, "image_levels", guarded_levels)
+    before = _snapshot(sdata)
+    tissue_mask(sdata, "B4_he")
+    _assert_only_added(before, _snapshot(sdata), "B4_he_tissue")
+    monkeypatch.undo()
+
+    mask = sdata.labels["B4_he_tissue"]
+    values = np.asarray(mask.values)
+    assert values.dtype == np.uint8 and set(np.unique(values)) == {0, 1}
+    # mask pixel size from its transformation, relative to the image's scale0 pixels
+    m_mask, m_img = _affine(mask), _affine(sdata["B4_he"])
+    px_scale0 = np.diag(np.linalg.inv(m_img[:2, :2]) @ m_mask[:2, :2])
+    mask_um = px_scale0 * um0
+    assert np.all(mask_um >= 8.0) and np.all(mask_um <= 16.0 + 1e-6), mask_um
+    assert np.allclose(values.shape, np.array(image_levels(sdata["B4_he"])[0].shape[1:]) / px_scale0[::-1], atol=1)
+
+    # >= 95 % of the measured ST spots fall on tissue pixels
+    spots = sdata["B4_spots"]
+    xy = np.column_stack([spots.geometry.x, spots.geometry.y])
+    inv = np.linalg.inv(m_mask)
+    q = np.floor(xy @ inv[:2, :2].T + inv[:2, 2]).astype(int)
+    assert q.min() >= 0 and (q[:, 0] < values.shape[1]).all() and (q[:, 1] < values.shape[0]).all()
+    on_tissue = values[q[:, 1], q[:, 0]] == 1
+    assert on_tissue.mean() >= 0.95, on_tissue.mean()
+    assert 0.2 <= values.mean() <= 0.9, values.mean()
+
+
+def test_tissue_mask_not_inplace_and_overwrite(demo):
+    from genedml_sd.pp._grid import tissue_mask
+
+    sdata = _b4_view(demo)
+    mask = tissue_mask(sdata, "B4_he", inplace=False)
+    assert "B4_he_tissue" not in sdata
+    assert mask.dims == ("y", "x")
+    tissue_mask(sdata, "B4_he", key_added="m")
+    with pytest.raises(KeyError, match="already exists"):
+        tissue_mask(sdata, "B4_he", key_added="m")
+    tissue_mask(sdata, "B4_he", key_added="m", overwrite=True)
+    np.testing.assert_array_equal(sdata.labels["m"].values, mask.values)
+
+
+# ---------------------------------------------------------------------------------------------- spot grid, B4
+def test_spot_grid_b4(demo):
+    from genedml_sd.pp._grid import spot_grid
+
+    sdata = _b4_view(demo)
+    um0 = get_pixel_size(sdata, "B4_he")
+    h0, w0 = image_levels(sdata["B4_he"])[0].shape[1:]
+    n_real = len(sdata["B4_spots"])
+    assert n_real == 283
+
+    before = _snapshot(sdata)
+    spot_grid(sdata, "B4_he", spacing_um=200, diameter_um=100, lattice="square", key_added="sq")
+    _assert_only_added(before, _snapshot(sdata), "sq")
+    grid = sdata["sq"]
+    n_sq = len(grid)
+    assert abs(n_sq - n_real) <= 0.25 * n_real, n_sq
+    assert list(grid.index) == list(range(n_sq))
+
+    xy = spots_to_pixels(sdata, "sq", "B4_he")  # scale0 px
+    r_px = spot_radius_px(sdata, "sq", "B4_he")
+    np.testing.assert_allclose(r_px * um0, 50.0, rtol=1e-4)
+    assert (xy[:, 0] - r_px >= -1e-6).all() and (xy[:, 0] + r_px <= w0 + 1e-6).all()
+    assert (xy[:, 1] - r_px >= -1e-6).all() and (xy[:, 1] + r_px <= h0 + 1e-6).all()
+    np.testing.assert_allclose(_nn_distances(xy * um0), 200.0, rtol=1e-9)
+
+    hexes = spot_grid(sdata, "B4_he", spacing_um=100, diameter_um=55, lattice="hex", inplace=False)
+    assert "B4_he_grid" not in sdata
+    ratio = len(hexes) / n_sq
+    assert 4.2 <= ratio <= 5.0, ratio  # ideal density ratio 8 / sqrt(3) = 4.62
+    sdata.shapes["hx"] = hexes
+    np.testing.assert_allclose(_nn_distances(spots_to_pixels(sdata, "hx", "B4_he") * um0), 100.0, rtol=1e-9)
+
+
+def test_spot_grid_readable_by_spot_tiler(demo):
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    from genedml_sd.pp._grid import spot_grid
+    from genedml_sd.tiling import SpotTiler
+
+    sdata = _b4_view(demo)
+    um0 = get_pixel_size(sdata, "B4_he")
+    spot_grid(sdata, "B4_he", spacing_um=200, diameter_um=100, lattice="square")
+    tiler = SpotTiler(sdata, "B4_he", "B4_he_grid")
+    assert tiler.n_spots == len(sdata["B4_he_grid"])
+
+    # a grid spot near the middle of the grid, and its position in µm from the image's own Scale
+    grid = sdata["B4_he_grid"]
+    gxy = np.column_stack([grid.geometry.x, grid.geometry.y])
+    i = int(np.argmin(np.linalg.norm(gxy - np.median(gxy, axis=0), axis=1)))
+    m_img = _affine(sdata["B4_he"])
+    sx, sy = m_img[0, 0], m_img[1, 1]  # B4: a pure Scale from image px to global
+    assert m_img[0, 1] == 0 and m_img[1, 0] == 0 and m_img[0, 2] == 0 and m_img[1, 2] == 0
+    pos_um = np.array([gxy[i, 0] / sx * um0, gxy[i, 1] / sy * um0])
+
+    # a one-spot circles element placed by hand in µm units, with a µm -> global Scale
+    hand = ShapesModel.parse(
+        pos_um[None, :],
+        geometry=0,
+        radius=np.array([50.0]),
+        transformations={"global": Scale([sx / um0, sy / um0], axes=("x", "y"))},
+    )
+    sdata.shapes["hand"] = hand
+    hand_tiler = SpotTiler(sdata, "B4_he", "hand")
+    np.testing.assert_allclose(hand_tiler.centres_px(0)[0], tiler.centres_px(0)[i], atol=1e-6)
+
+    tiles = tiler.local_tiles([0, i])
+    assert tiles.shape == (2, 3, tiler.geometry.tile_px, tiler.geometry.tile_px)
+    assert tiles.dtype == np.uint8
+    assert tiles[1].std() > 5  # tissue, not blank padding
+    np.testing.assert_array_equal(tiles[1], hand_tiler.local_tiles([0])[0])
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_synthetic_square_with_scale_transform(multiscale):
+    from genedml_sd.pp._grid import spot_grid, tissue_mask
+
+    sdata = _synthetic(multiscale=multiscale)
+    tissue_mask(sdata, "syn_he", target_um_per_px=8.0)
+    mask = sdata.labels["syn_he_tissue"]
+    # 8 µm/px mask = 4 image px, times the image's Scale(2, 2) to global
+    np.testing.assert_allclose(_affine(mask), np.diag([8.0, 8.0, 1.0]), atol=1e-9)
+    expected = np.zeros((120, 150), dtype=np.uint8)
+    expected[SQUARE_ROWS[0] // 4 : SQUARE_ROWS[1] // 4, SQUARE_COLS[0] // 4 : SQUARE_COLS[1] // 4] = 1
+    np.testing.assert_array_equal(mask.values, expected)
+
+    grid = spot_grid(sdata, "syn_he", spacing_um=20, diameter_um=10, lattice="square", inplace=False)
+    sdata.shapes["g"] = grid
+    xy = spots_to_pixels(sdata, "g", "syn_he")  # image scale0 px
+    assert (xy[:, 0] >= SQUARE_COLS[0]).all() and (xy[:, 0] < SQUARE_COLS[1]).all()
+    assert (xy[:, 1] >= SQUARE_ROWS[0]).all() and (xy[:, 1] < SQUARE_ROWS[1]).all()
+    area_um2 = np.diff(SQUARE_ROWS)[0] * np.diff(SQUARE_COLS)[0] * SYN_UM_PER_PX**2
+    assert abs(len(grid) - area_um2 / 20**2) <= 0.1 * area_um2 / 20**2
+    # stored in global units: centres = 2 x pixels, radius 5 µm = 2.5 px = 5 global units
+    np.testing.assert_allclose(np.column_stack([grid.geometry.x, grid.geometry.y]), 2 * xy)
+    np.testing.assert_allclose(grid["radius"], 5.0)
+    np.testing.assert_allclose(_nn_distances(xy * SYN_UM_PER_PX), 20.0)
+
+    # the stored mask gives the same grid as the automatic one; no mask covers the whole image
+    by_key = spot_grid(
+        sdata, "syn_he", spacing_um=20, diameter_um=10, lattice="square", mask="syn_he_tissue", inplace=False
+    )
+    np.testing.assert_allclose(np.asarray(by_key.geometry.x), np.asarray(grid.geometry.x))
+    everywhere = spot_grid(sdata, "syn_he", spacing_um=20, diameter_um=10, lattice="square", mask=None, inplace=False)
+    assert len(everywhere) == (600 // 10) * (480 // 10)
+
+
+def test_tissue_mask_explicit_level():
+    from genedml_sd.pp._grid import tissue_mask
+
+    sdata = _synthetic(multiscale=True)
+    mask = tissue_mask(sdata, "syn_he", level=1, inplace=False)
+    assert mask.shape == (240, 300)
+    np.testing.assert_allclose(_affine(mask), np.diag([4.0, 4.0, 1.0]), atol=1e-9)
+    assert mask.values[SQUARE_ROWS[0] // 2 + 1 : SQUARE_ROWS[1] // 2 - 1, SQUARE_COLS[0] // 2 + 1].all()
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_spacing_smaller_than_diameter():
+    from genedml_sd.pp._grid import spot_grid
+
+    sdata = _synthetic()
+    with pytest.raises(ValueError, match=r"spacing_um=50.*diameter_um=100"):
+        spot_grid(sdata, "syn_he", spacing_um=50, diameter_um=100)
+    assert list(sdata.shapes) == []
+
+
+def test_blank_image_has_no_tissue():
+    from genedml_sd.pp._grid import spot_grid, tissue_mask
+
+    sdata = _synthetic(blank=True)
+    with pytest.raises(ValueError, match=r"no tissue.*syn_he"):
+        tissue_mask(sdata, "syn_he")
+    with pytest.raises(ValueError, match="no tissue"):
+        spot_grid(sdata, "syn_he", spacing_um=20, diameter_um=10)
+    assert list(sdata.labels) == [] and list(sdata.shapes) == []
+
+
+def test_existing_key_needs_overwrite():
+    from genedml_sd.pp._grid import spot_grid
+
+    sdata = _synthetic()
+    spot_grid(sdata, "syn_he", spacing_um=20, diameter_um=10)
+    n = len(sdata["syn_he_grid"])
+    with pytest.raises(KeyError, match="syn_he_grid"):
+        spot_grid(sdata, "syn_he", spacing_um=40, diameter_um=10)
+    assert len(sdata["syn_he_grid"]) == n
+    spot_grid(sdata, "syn_he", spacing_um=40, diameter_um=10, overwrite=True)
+    assert len(sdata["syn_he_grid"]) < n
+    with pytest.raises(KeyError, match="syn_he"):  # an image is never replaced by a grid
+        spot_grid(sdata, "syn_he", key_added="syn_he", overwrite=True)
+
+
+def test_mask_in_other_coordinate_system():
+    from spatialdata.models import Labels2DModel
+    from spatialdata.transformations import Identity
+
+    from genedml_sd.pp._grid import spot_grid
+
+    sdata = _synthetic()
+    sdata.labels["elsewhere"] = Labels2DModel.parse(
+        np.ones((10, 10), dtype=np.uint8), dims=("y", "x"), transformations={"other": Identity()}
+    )
+    with pytest.raises(ValueError, match=r"elsewhere.*syn_he|syn_he.*elsewhere"):
+        spot_grid(sdata, "syn_he", mask="elsewhere")
+    with pytest.raises(KeyError, match="nope"):
+        spot_grid(sdata, "syn_he", mask="nope")
