@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 import warnings
@@ -188,7 +189,14 @@ class LitGeneDML(SlideLightningModule):
 
 
 class _History(pl.Callback):
-    """Collects epoch-level metrics into ``pl_module.history``."""
+    """Collects epoch-level metrics into ``pl_module.history`` (and a JSON file, for spawned DDP workers).
+
+    With ``strategy="ddp_spawn"`` training runs in child processes whose module attributes never
+    reach the caller; rank 0 therefore also writes the history to ``path``.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: LitGeneDML) -> None:
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
@@ -196,6 +204,8 @@ class _History(pl.Callback):
             row[k] = float(v)
         row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         pl_module.history.append(row)
+        if self.path is not None and trainer.is_global_zero:
+            self.path.write_text(json.dumps(pl_module.history))
 
 
 @contextlib.contextmanager
@@ -311,12 +321,11 @@ def fit_lightning(
     ``lit`` must log ``val/pcc`` when ``has_val`` and keep a ``history`` list (filled by
     :class:`_History`). Returns ``lit`` with the best epoch's weights and ``best_epoch`` set.
     """
-    callbacks: list[pl.Callback] = [_History()]
-    tmp = None
+    tmp = tempfile.TemporaryDirectory(prefix="genedml-train-")
+    callbacks: list[pl.Callback] = [_History(Path(tmp.name) / "history.json")]
     ckpt = None
     if has_val:
         if checkpoint_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="genedml-ckpt-")
             checkpoint_dir = tmp.name
         ckpt = pl.callbacks.ModelCheckpoint(
             dirpath=str(checkpoint_dir),
@@ -359,7 +368,9 @@ def fit_lightning(
                 ckpt.best_model_path,
             )
             lit.best_epoch = int(Path(ckpt.best_model_path).stem.split("=")[-1])
+        history_file = Path(tmp.name) / "history.json"
+        if not lit.history and history_file.exists():  # trained in spawned processes
+            lit.history = json.loads(history_file.read_text())
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        tmp.cleanup()
     return lit

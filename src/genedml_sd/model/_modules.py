@@ -129,21 +129,25 @@ class GeneDML(nn.Module):
         self.fusion_blocks = blocks(cfg.fusion_depth)
         self.fusion_norm = nn.LayerNorm(d)
 
+        # training-only parts exist only when a loss uses them (DDP needs every parameter to get a gradient)
         h = cfg.gene_hidden
-        self.gene_encoder = nn.Sequential(
-            nn.Linear(cfg.n_genes, h),
-            nn.GELU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(h, h),
-            # FFN
-            nn.Linear(h, h),
-            nn.GELU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(h, d),
-        )
-        self.image_group = nn.Linear(d, cfg.group_dim)
-        self.gene_group = nn.Linear(d, cfg.group_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.tau_init)), requires_grad=cfg.learn_tau)
+        if cfg.instance_loss or cfg.group_loss:
+            self.gene_encoder = nn.Sequential(
+                nn.Linear(cfg.n_genes, h),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(h, h),
+                # FFN
+                nn.Linear(h, h),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(h, d),
+            )
+        if cfg.group_loss:
+            self.image_group = nn.Linear(d, cfg.group_dim)
+            self.gene_group = nn.Linear(d, cfg.group_dim)
+        if cfg.instance_loss:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.tau_init)), requires_grad=cfg.learn_tau)
         self.head = nn.Sequential(
             nn.LayerNorm(n_scales * d), nn.Dropout(cfg.dropout), nn.Linear(n_scales * d, cfg.n_genes)
         )
@@ -252,6 +256,8 @@ class GeneDML(nn.Module):
 
     def gene_embedding(self, expr: torch.Tensor) -> torch.Tensor:
         """Embedding (B, dim) of measured log-normalised expression (B, G)."""
+        if not hasattr(self, "gene_encoder"):
+            raise RuntimeError("This model has no gene encoder (instance_loss and group_loss are both off).")
         return self.gene_encoder(expr)
 
     # ------------------------------------------------------------------------------ training
