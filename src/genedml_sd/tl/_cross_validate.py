@@ -57,6 +57,7 @@ def cross_validate(
     max_epochs: int = 100,
     cache_dir: str | None = None,
     num_workers: int | None = None,
+    feature_mode: str = "spot",
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out cross-validation (by default: leave one patient out).
@@ -88,6 +89,8 @@ def cross_validate(
         Training seed and length.
     cache_dir, num_workers
         Feature cache location and tile-decoding workers.
+    feature_mode
+        ``"spot"`` (per-spot neighbour grids, the paper's) or ``"lattice"`` (see :func:`genedml_sd.tl.fit`).
     **fit_kwargs
         Further :func:`genedml_sd.tl.fit` arguments (``batch_size``, ``accelerator``, config fields...).
 
@@ -122,7 +125,7 @@ def cross_validate(
 
     geometry = geometry or TileGeometry()
     enc, _ = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
-    extraction = {"cache_dir": cache_dir, "num_workers": num_workers}
+    extraction = {"cache_dir": cache_dir, "num_workers": num_workers, "mode": feature_mode}
     feature_seconds = {}
     for s, k, name in zip(slides, keys, names, strict=True):
         t0 = time.perf_counter()
@@ -149,6 +152,7 @@ def cross_validate(
             max_epochs=max_epochs,
             cache_dir=cache_dir,
             num_workers=num_workers,
+            feature_mode=feature_mode,
             **fit_kwargs,
         )
         t0 = time.perf_counter()
@@ -198,6 +202,7 @@ def cross_validate(
             "encoder_fingerprint": enc.fingerprint,
             "groups": groups if isinstance(groups, str) else labels,
             "seed": seed,
+            "feature_mode": feature_mode,
         }
     )
     return out

@@ -83,6 +83,7 @@ def fit(
     cache_dir: str | None = None,
     num_workers: int | None = None,
     extraction_device: str | None = None,
+    feature_mode: str = "spot",
     checkpoint_dir: str | None = None,
     **config_overrides: Any,
 ) -> GeneDML:
@@ -142,6 +143,11 @@ def fit(
         Tile-decoding worker processes for feature extraction.
     extraction_device
         Device for the frozen encoder (default: CUDA when available).
+    feature_mode
+        ``"spot"`` encodes every spot's 5x5 neighbour grid (the paper's, 25 encoder calls per spot);
+        ``"lattice"`` encodes a 112 µm lattice over the tissue once and gathers each spot's neighbour
+        tokens from it (about 5 calls per spot on a 200 µm lattice; tokens shifted by at most 79 µm).
+        Predictions use the same mode.
     checkpoint_dir
         Where Lightning writes checkpoints (best validation PCC) when validating.
     **config_overrides
@@ -172,7 +178,9 @@ def fit(
 
     enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
     cfg = _build_config(config_cls, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
-    extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir}
+    if feature_mode not in ("spot", "lattice"):
+        raise ValueError(f"feature_mode must be 'spot' or 'lattice', got {feature_mode!r}.")
+    extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir, "mode": feature_mode}
     feats = [
         slide_features(s, k, enc, geometry, neighbours=cfg.use_neighbour, extraction=extraction)
         for s, k in zip(slides, keys, strict=True)
@@ -224,6 +232,7 @@ def fit(
         "seed": seed,
         "accelerator": accelerator,
         "gene_ranking": ranking,
+        "feature_mode": feature_mode,
         "gene_ranking_source": ranking_source,
     }
     return GeneDML(

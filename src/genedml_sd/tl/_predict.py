@@ -93,7 +93,8 @@ def predict(
             f"Encoder {encoder.name!r} (fingerprint {encoder.fingerprint}) is not the one the model was trained "
             f"with ({model.encoder.name!r}, fingerprint {model.encoder.fingerprint})."
         )
-    extraction = {"device": device, "num_workers": num_workers, "cache_dir": cache_dir}
+    mode = model.training.get("feature_mode", "spot")  # features made the way the model was trained on
+    extraction = {"device": device, "num_workers": num_workers, "cache_dir": cache_dir, "mode": mode}
     feats = slide_features(
         sdata, keys, encoder, model.geometry, neighbours=model.uses_neighbours, extraction=extraction
     )

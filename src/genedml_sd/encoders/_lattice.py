@@ -1,0 +1,134 @@
+"""Slide-lattice feature mode: encode a regular lattice of tiles once and gather neighbour tokens from it.
+
+In the per-spot mode every spot's ``grid x grid`` neighbour region is encoded on its own, so on
+HER2ST (spots 200 µm apart, a 560 µm neighbour region) each piece of tissue is encoded about eight
+times. The lattice mode tiles the full-resolution image with a square lattice of pitch
+``geometry.tile_um`` anchored at the image's pixel ``(0, 0)``: lattice tile ``(i, j)`` covers
+``[i p, (i + 1) p) x [j p, (j + 1) p)`` in level-0 pixels, ``p = tile_um / um_per_px``. A spot's
+neighbour grid is the ``grid x grid`` block of lattice tiles around the lattice tile that contains
+the spot's centre, i.e. each neighbour position ``centre + (dx, dy) * tile_um`` is snapped to the
+nearest lattice tile centre. The snapping error is the same for all tokens of a spot and at most
+``tile_um / 2 * sqrt(2)`` (79 µm for 112 µm tiles). Only the lattice tiles needed by at least one
+spot are encoded, each once, so the encoder cost grows with tissue area instead of ``grid**2`` per
+spot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from genedml_sd.tiling import SpotTiler, TileGeometry
+
+LATTICE_VERSION = "lattice-v1"
+"""Identity of the lattice definition (pitch = tile size, origin at pixel (0, 0)); part of cache keys."""
+
+ON_LATTICE_TOL_PX = 1e-3
+"""A spot whose centre lies this close (level-0 px) to its lattice tile centre reuses that tile as local tile."""
+
+
+@dataclass(frozen=True)
+class LatticePlan:
+    """Which lattice tiles to encode and how spots gather their neighbour tokens from them.
+
+    Attributes
+    ----------
+    pitch_px
+        Lattice pitch (= tile side) in level-0 pixels.
+    cells
+        Lattice indices ``(i, j)`` (column, row) of the tiles to encode, unique, in raster order,
+        int64 (M, 2).
+    token_index
+        Row of ``cells`` of each spot's neighbour token, int64 (n_spots, grid**2), token
+        ``t = row * grid + col`` as in :meth:`genedml_sd.tiling.SpotTiler.neighbour_tiles`.
+    snap_px
+        Distance from each spot centre to the centre of its lattice tile, level-0 px (n_spots,).
+    on_lattice
+        Spots whose centre coincides with its lattice tile centre (their local tile is that tile).
+    """
+
+    pitch_px: float
+    cells: np.ndarray
+    token_index: np.ndarray
+    snap_px: np.ndarray
+    on_lattice: np.ndarray
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of lattice tiles to encode."""
+        return len(self.cells)
+
+    def centres_px(self) -> np.ndarray:
+        """Level-0 pixel centres ``(x, y)`` of the lattice tiles to encode, float64 (M, 2)."""
+        return (self.cells + 0.5) * self.pitch_px
+
+
+def lattice_pitch_px(um_per_px0: float, geometry: TileGeometry) -> float:
+    """Lattice pitch in level-0 pixels: one tile side, ``geometry.tile_um / um_per_px0``."""
+    return float(geometry.tile_um) / float(um_per_px0)
+
+
+def plan_lattice(centres_px0: np.ndarray, um_per_px0: float, geometry: TileGeometry) -> LatticePlan:
+    """Snap the neighbour grids of spots to the slide lattice.
+
+    Parameters
+    ----------
+    centres_px0
+        Spot centres ``(x, y)`` in level-0 continuous pixel coordinates, (n_spots, 2).
+    um_per_px0
+        Level-0 pixel size, µm/px.
+    geometry
+        Tile geometry; the lattice pitch is ``geometry.tile_um``.
+
+    Returns
+    -------
+    The plan: unique lattice tiles and, for every spot, the indices of its ``grid**2`` tokens.
+    """
+    centres = np.asarray(centres_px0, dtype=np.float64).reshape(-1, 2)
+    pitch = lattice_pitch_px(um_per_px0, geometry)
+    # nearest lattice centre (i + 0.5) * pitch to c is i = floor(c / pitch): the tile containing c
+    base = np.floor(centres / pitch).astype(np.int64)
+    snap = np.linalg.norm(centres - (base + 0.5) * pitch, axis=1)
+    r = geometry.grid // 2
+    rows, cols = np.divmod(np.arange(geometry.n_neighbours), geometry.grid)
+    offsets = np.stack([cols - r, rows - r], axis=1)  # (grid**2, 2) as (dx, dy), t = row * grid + col
+    wanted = (base[:, None, :] + offsets[None]).reshape(-1, 2)
+    # unique in raster order (row j, then column i): consecutive tiles are close in the image
+    uniq, inverse = np.unique(wanted[:, ::-1], axis=0, return_inverse=True)
+    n = len(centres)
+    return LatticePlan(
+        pitch_px=pitch,
+        cells=np.ascontiguousarray(uniq[:, ::-1]),
+        token_index=np.asarray(inverse, dtype=np.int64).reshape(n, geometry.n_neighbours),
+        snap_px=snap,
+        on_lattice=snap <= ON_LATTICE_TOL_PX,
+    )
+
+
+class LatticeTiler(SpotTiler):
+    """A :class:`~genedml_sd.tiling.SpotTiler` whose "spots" are lattice tile centres.
+
+    It shares the image, pyramid-level choice, pixel size, geometry and resampling of the spot tiler
+    it is made from, so ``local_tiles(k)`` reads lattice tile ``k`` exactly as a spot tile centred
+    there would be read, and it works with :func:`genedml_sd.tiling.tile_loader`.
+
+    Parameters
+    ----------
+    tiler
+        The slide's spot tiler.
+    centres_px0
+        Level-0 pixel centres ``(x, y)`` of the tiles, (M, 2).
+    """
+
+    def __init__(self, tiler: SpotTiler, centres_px0: np.ndarray) -> None:
+        # no SpotTiler.__init__: the slide is already resolved and checked, only the centres change
+        self.__dict__.update(tiler.__dict__)
+        self._xy0 = np.asarray(centres_px0, dtype=np.float64).reshape(-1, 2)
+        self.n_spots = len(self._xy0)
+        self.spot_ids = np.arange(self.n_spots)
+
+    @classmethod
+    def from_plan(cls, tiler: SpotTiler, plan: LatticePlan) -> LatticeTiler:
+        """The tiler reading the tiles of ``plan``, in ``plan.cells`` order."""
+        return cls(tiler, plan.centres_px())
