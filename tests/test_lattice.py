@@ -162,3 +162,88 @@ def test_demo_section_fewer_calls_and_similar_tokens(demo):
     corr = [np.corrcoef(a[:, d], b[:, d])[0, 1] for d in np.flatnonzero(ok)]
     assert np.mean(corr) > 0.8, np.mean(corr)
     assert gd.settings.progress is False
+
+
+def test_neighbour_cache_is_memory_mapped_and_exact(tmp_path):
+    """Per-spot neighbour tokens go straight to the cache file and come back memory-mapped, unchanged."""
+    s = _coordinate_slide(SPOTS)
+    enc = MeanColour()
+    kw = {"geometry": GEO, "num_workers": 0}
+    in_memory = extract_features(s, enc, use_cache=False, **kw)
+    first = extract_features(s, enc, cache_dir=tmp_path, **kw)
+    again = extract_features(s, enc, cache_dir=tmp_path, **kw)
+    assert isinstance(first.neighbour, np.memmap) and isinstance(again.neighbour, np.memmap)
+    assert not again.neighbour.flags.writeable  # a cache hit can never be modified in place
+    np.testing.assert_array_equal(first.neighbour, in_memory.neighbour)
+    np.testing.assert_array_equal(again.neighbour, in_memory.neighbour)
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary folder was moved into place
+
+
+_SHARD_SCRIPT = """
+import json, sys
+import numpy as np
+from genedml_sd.encoders import extract_features_sharded, process_rank
+from tests.test_lattice import GEO, MeanColour, _coordinate_slide
+
+slides = [(_coordinate_slide(np.array([[60.0 + 40 * i, 50.0 + 30 * i]])), None, None) for i in range(3)]
+enc = MeanColour()
+feats = extract_features_sharded(slides, enc, geometry=GEO, cache_dir=sys.argv[1], num_workers=0, poll_seconds=0.1, timeout=120)
+print("RESULT " + json.dumps({"rank": process_rank(), "calls": enc.calls, "local": [f.local.tolist() for f in feats]}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sharded_extraction_splits_slides_between_processes(tmp_path):
+    """torchrun-style launch of 2 processes: each encodes its own slides, both end with all features."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "PYTHONPATH": str(root)}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _SHARD_SCRIPT, str(tmp_path)],
+                env=env,
+                cwd=root,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=280)
+        assert p.returncode == 0, out
+        results.append(json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:]))
+    # rank 0 encodes slides 0 and 2, rank 1 slide 1; one spot of 3x3 tiles each
+    assert [r["rank"] for r in results] == [[0, 2, 0], [1, 2, 1]]
+    assert [r["calls"] for r in results] == [2 * 9, 1 * 9]
+    # identical features in both processes, equal to a single-process extraction
+    assert results[0]["local"] == results[1]["local"]
+    enc = MeanColour()
+    for i, local in enumerate(results[0]["local"]):
+        s = _coordinate_slide(np.array([[60.0 + 40 * i, 50.0 + 30 * i]]))
+        ref = extract_features(s, enc, geometry=GEO, use_cache=False, num_workers=0)
+        np.testing.assert_allclose(np.array(local), ref.local, atol=1e-5)
+
+
+def test_process_rank_reads_the_launcher_environment(monkeypatch):
+    from genedml_sd.encoders import process_rank
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    assert process_rank() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert process_rank() == (5, 8, 1)
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation is not a launch
+    assert process_rank() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_rank() == (3, 4, 3)

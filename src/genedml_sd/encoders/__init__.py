@@ -7,6 +7,7 @@ the features on disk, keyed by the slide, the encoder's :attr:`FrozenEncoder.fin
 tile geometry.
 """
 
+from ._distributed import extract_features_sharded, process_rank
 from ._extract import SpotFeatures, extract_features
 from ._registry import (
     EncoderSpec,
@@ -26,8 +27,10 @@ __all__ = [
     "SpotFeatures",
     "UnknownEncoderError",
     "extract_features",
+    "extract_features_sharded",
     "get_spec",
     "list_encoders",
     "load_encoder",
+    "process_rank",
     "register_encoder",
 ]

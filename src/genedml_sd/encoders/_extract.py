@@ -223,7 +223,8 @@ def extract_features(
             meta = json.loads(meta_file.read_text())
             if meta.get("format") == CACHE_FORMAT and meta.get("n_spots") == tiler.n_spots:
                 logger.info("Feature cache hit for %s (%s)", tiler.image_key, root / k)
-                nb = np.load(root / k / "neighbour.npy") if neighbours else None
+                # memory-mapped: (N, 25, D) float32 is 10 GB for 10^5 spots at D=1024; pages are read as used
+                nb = np.load(root / k / "neighbour.npy", mmap_mode="r") if neighbours else None
                 return SpotFeatures(
                     np.load(root / k / "local.npy"),
                     nb,
@@ -248,9 +249,17 @@ def extract_features(
     else:
         kind = "neighbour" if neighbours else "local"
         local = np.zeros((tiler.n_spots, encoder.embed_dim), dtype=np.float32)
-        neighbour = (
-            np.zeros((tiler.n_spots, g.n_neighbours, encoder.embed_dim), dtype=np.float32) if neighbours else None
-        )
+        neighbour = None
+        if neighbours:
+            shape = (tiler.n_spots, g.n_neighbours, encoder.embed_dim)
+            if use_cache:
+                # written straight into the cache file: host memory stays bounded by the batch, not the slide
+                tmp = root / f".{key}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                neighbour = np.lib.format.open_memmap(tmp / "neighbour.npy", mode="w+", dtype=np.float32, shape=shape)
+            else:
+                neighbour = np.zeros(shape, dtype=np.float32)
         loader = tile_loader(tiler, kind, batch_size=batch_size, **loader_kw)
         desc = f"encoding {tiler.image_key} ({encoder.name})"
         bar = tqdm(total=tiler.n_spots, desc=desc, disable=not settings.progress)
@@ -270,10 +279,12 @@ def extract_features(
 
     if use_cache:
         tmp = root / f".{key}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        memmapped = isinstance(neighbour, np.memmap)
+        if not memmapped:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         np.save(tmp / "local.npy", local)
-        if neighbour is not None:
+        if neighbour is not None and not memmapped:
             np.save(tmp / "neighbour.npy", neighbour)
         meta = {
             "format": CACHE_FORMAT,
@@ -289,8 +300,13 @@ def extract_features(
             **extra_meta,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if memmapped:
+            neighbour.flush()
+            neighbour = None  # close the writable map before the folder moves
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
+        if memmapped:
+            neighbour = np.load(folder / "neighbour.npy", mmap_mode="r")
     return SpotFeatures(local, neighbour, coords_um, tiler.spot_ids, key, n_encoded_tiles=int(n_encoded), mode=mode)
 
 

@@ -64,10 +64,16 @@ class SlideTensors:
         expr: np.ndarray | None = None,
         name: str = "slide",
     ) -> SlideTensors:
-        """Wrap numpy arrays (no copy where the dtype is already float32)."""
+        """Wrap numpy arrays (no copy where the dtype is already float32 and the array writable).
+
+        Read-only arrays (e.g. memory-mapped feature caches) are copied into memory.
+        """
 
         def t(a: np.ndarray | None) -> torch.Tensor | None:
-            return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            if a is None:
+                return None
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            return torch.from_numpy(a if a.flags.writeable else np.array(a))
 
         return cls(t(local), t(coords), t(neighbour), t(expr), name)
 

@@ -319,8 +319,9 @@ class GeneDML(nn.Module):
         coords_um
             Spot centres in µm (N, 2).
         neighbour_all
-            Neighbour features (N, n_neighbours, D) if the model uses them (may stay on the host:
-            batches are moved one at a time).
+            Neighbour features (N, n_neighbours, D) if the model uses them: a tensor or a numpy array
+            (e.g. a memory-mapped feature cache). It stays on the host; batches are converted to
+            float32 and moved one at a time, so memory grows with ``batch_size``, not N.
         batch_size
             Spots per forward pass.
 
@@ -333,7 +334,14 @@ class GeneDML(nn.Module):
         g_all = self.encode_global(local_all, coords_um.to(dev)) if self.config.use_global else None
         out = []
         for s in range(0, local_all.shape[0], batch_size):
-            nb = neighbour_all[s : s + batch_size].to(dev) if self.config.use_neighbour else None
+            nb = _host_batch(neighbour_all[s : s + batch_size], dev) if self.config.use_neighbour else None
             g = g_all[s : s + batch_size] if g_all is not None else None
             out.append(self(local_all[s : s + batch_size], nb, g)["pred"].float())
         return torch.cat(out) if out else torch.zeros(0, self.config.n_genes, device=dev)
+
+
+def _host_batch(batch: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """One batch of host features (tensor or numpy array) as float32 on ``device``."""
+    if not isinstance(batch, torch.Tensor):
+        batch = torch.from_numpy(np.array(batch, dtype=np.float32))
+    return batch.to(device).float()

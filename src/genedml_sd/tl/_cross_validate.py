@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ._data import as_list, resolve_slide_keys, slide_expression, slide_features, slide_info
+from ._data import as_list, resolve_slide_keys, slide_expression, slide_features, slide_info, slides_features
 from ._evaluate import N_TOP, score_predictions
 from ._fit import fit, resolve_encoder
 
@@ -126,7 +126,13 @@ def cross_validate(
     geometry = geometry or TileGeometry()
     enc, _ = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
     extraction = {"cache_dir": cache_dir, "num_workers": num_workers, "mode": feature_mode}
+    from genedml_sd.encoders import process_rank
+
     feature_seconds = {}
+    if process_rank()[1] > 1:  # torchrun / srun: every process encodes a share of the slides
+        t0 = time.perf_counter()
+        slides_features(slides, keys, enc, geometry, neighbours=True, extraction=extraction)
+        feature_seconds["all (sharded)"] = time.perf_counter() - t0
     for s, k, name in zip(slides, keys, names, strict=True):
         t0 = time.perf_counter()
         slide_features(s, k, enc, geometry, neighbours=True, extraction=extraction)

@@ -121,6 +121,30 @@ def slide_features(
     )
 
 
+def slides_features(
+    slides: Sequence[SpatialData],
+    keys: Sequence[SlideKeys],
+    encoder: FrozenEncoder,
+    geometry: TileGeometry,
+    *,
+    neighbours: bool,
+    extraction: dict[str, Any],
+) -> list[SpotFeatures]:
+    """Cached features of several slides; in a multi-process launch each process encodes a share.
+
+    See :func:`genedml_sd.encoders.extract_features_sharded`.
+    """
+    from genedml_sd.encoders import extract_features_sharded
+
+    return extract_features_sharded(
+        [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
+        encoder,
+        geometry=geometry,
+        neighbours=neighbours,
+        **extraction,
+    )
+
+
 def as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
     """Accept one SpatialData or a sequence of them."""
     from spatialdata import SpatialData

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ import numpy as np
 from genedml_sd.pp import TARGET_SUM, select_genes
 from genedml_sd.tiling import TileGeometry
 
-from ._data import as_list, resolve_slide_keys, slide_expression, slide_features, slide_info
+from ._data import as_list, resolve_slide_keys, slide_expression, slide_info, slides_features
 from ._model import EncoderRef, GeneDML
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def fit(
     extraction_device: str | None = None,
     feature_mode: str = "spot",
     checkpoint_dir: str | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
     **config_overrides: Any,
 ) -> GeneDML:
     """Train a Gene-DML model on slides with H&E, spots and a counts table.
@@ -150,6 +152,10 @@ def fit(
         Predictions use the same mode.
     checkpoint_dir
         Where Lightning writes checkpoints (best validation PCC) when validating.
+    trainer_kwargs
+        Further :class:`lightning.pytorch.Trainer` arguments, e.g. ``{"num_nodes": 2}`` for a
+        multi-node SLURM job (see the installation page). Under ``torchrun`` or ``srun`` each process
+        encodes a share of the slides (:func:`~genedml_sd.encoders.extract_features_sharded`).
     **config_overrides
         Fields of :class:`~genedml_sd.model.GeneDMLConfig` to override, e.g. ``k=25, lam=0.5``.
 
@@ -181,10 +187,7 @@ def fit(
     if feature_mode not in ("spot", "lattice"):
         raise ValueError(f"feature_mode must be 'spot' or 'lattice', got {feature_mode!r}.")
     extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir, "mode": feature_mode}
-    feats = [
-        slide_features(s, k, enc, geometry, neighbours=cfg.use_neighbour, extraction=extraction)
-        for s, k in zip(slides, keys, strict=True)
-    ]
+    feats = slides_features(slides, keys, enc, geometry, neighbours=cfg.use_neighbour, extraction=extraction)
     tensors = [
         SlideTensors.from_numpy(
             local=f.local,
@@ -217,6 +220,7 @@ def fit(
         precision=precision,
         patience=patience,
         checkpoint_dir=checkpoint_dir,
+        trainer_kwargs=trainer_kwargs,
     )
     seconds = time.perf_counter() - t0
     module = lit.model.cpu().eval()
@@ -289,6 +293,8 @@ def _gene_ranking(module: Any, slides: Sequence[Any], genes: list[str]) -> list[
         for s in slides:
             pred = module.predict_slide(s.local, s.coords, s.neighbour).float().cpu().numpy()
             pcc.append(per_gene_pearson(pred, s.expr.numpy(), genes)["pcc"].to_numpy())
-    mean = np.nanmean(np.vstack(pcc), axis=0) if pcc else np.zeros(len(genes))
+    with warnings.catch_warnings():  # a gene constant on every ranking slide has no PCC: ranked last
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(np.vstack(pcc), axis=0) if pcc else np.zeros(len(genes))
     order = np.argsort(-np.nan_to_num(mean, nan=-np.inf), kind="stable")
     return [genes[i] for i in order]

@@ -117,7 +117,7 @@ class GeneDML:
         if self.uses_neighbours:
             if features.neighbour is None:
                 raise ValueError("This model needs neighbour features; extract them with neighbours=True.")
-            neighbour = torch.from_numpy(np.ascontiguousarray(features.neighbour)).float()
+            neighbour = features.neighbour  # numpy, possibly memory-mapped: moved to torch batch by batch
         with torch.inference_mode():
             pred = module.predict_slide(
                 torch.from_numpy(features.local).float(),
