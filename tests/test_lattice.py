@@ -247,3 +247,20 @@ def test_process_rank_reads_the_launcher_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert process_rank() == (3, 4, 3)
+
+
+def test_slide_fingerprint_follows_pixels_and_spots_and_is_memoised(monkeypatch):
+    from genedml_sd.encoders import _extract
+
+    def fp(slide):
+        return _extract.slide_fingerprint(SpotTiler(slide, "img", "spots", GEO))
+
+    base = fp(_coordinate_slide(SPOTS))
+    assert fp(_coordinate_slide(SPOTS)) == base  # same pixels and spots, another object
+    assert fp(_coordinate_slide(SPOTS + 1.0)) != base  # spots moved
+    other = make_sdata([coordinate_image(512, 512)[::-1].copy()], SPOTS, um_per_px=1.0)
+    assert fp(other) != base  # other pixels
+    # a second look at the same lazy image reads no pixels (the thumbnail is remembered by dask name)
+    computes = []
+    monkeypatch.setattr("dask.array.Array.compute", lambda self, **kw: computes.append(1) or np.asarray(self))
+    assert fp(_coordinate_slide(SPOTS)) == base and computes == []

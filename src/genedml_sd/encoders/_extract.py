@@ -79,19 +79,41 @@ class SpotFeatures:
         return None if self.n_encoded_tiles is None else self.n_encoded_tiles / max(self.n_spots, 1)
 
 
+# slide fingerprints of dask-backed images in this process, by the dask name of their coarsest level
+_FINGERPRINTS: dict[tuple, str] = {}
+_MAX_FINGERPRINTS = 1024
+
+
 def slide_fingerprint(tiler: SpotTiler) -> str:
     """Stable hash of what determines a slide's tiles: pixels, pyramid, pixel size and spot centres.
 
-    Reads only the coarsest pyramid level (a thumbnail), never the full image.
+    Reads only the coarsest pyramid level (a thumbnail), never the full image. Computing that level
+    can still mean decoding the whole scan when the pyramid is built lazily from one JPEG (about 1 s
+    per HER2ST section), so for dask-backed images the result is remembered in this process under
+    the dask name of the level (a token of the graph that produces its pixels), together with the
+    shapes, pixel size and spot centres.
     """
-    h = hashlib.sha256()
     levels = tiler.levels
-    h.update(json.dumps([list(lv.shape) for lv in levels]).encode())
-    h.update(np.float64(tiler.um_per_px0).tobytes())
-    thumb = np.asarray(levels[-1].data[:, ::4, ::4].compute() if hasattr(levels[-1].data, "compute") else levels[-1])
+    shapes = json.dumps([list(lv.shape) for lv in levels])
+    centres = np.round(tiler.centres_px(0), 2).astype(np.float64)
+    um = np.float64(tiler.um_per_px0)
+    coarse = levels[-1].data
+    name = getattr(coarse, "name", None)  # dask arrays only
+    memo = (name, shapes, um.tobytes(), hashlib.sha256(centres.tobytes()).hexdigest()) if name else None
+    if memo is not None and memo in _FINGERPRINTS:
+        return _FINGERPRINTS[memo]
+    h = hashlib.sha256()
+    h.update(shapes.encode())
+    h.update(um.tobytes())
+    thumb = np.asarray(coarse[:, ::4, ::4].compute() if hasattr(coarse, "compute") else levels[-1])
     h.update(np.ascontiguousarray(thumb).tobytes())
-    h.update(np.round(tiler.centres_px(0), 2).astype(np.float64).tobytes())
-    return h.hexdigest()[:20]
+    h.update(centres.tobytes())
+    fingerprint = h.hexdigest()[:20]
+    if memo is not None:
+        if len(_FINGERPRINTS) >= _MAX_FINGERPRINTS:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[memo] = fingerprint
+    return fingerprint
 
 
 def feature_cache_key(tiler: SpotTiler, encoder: FrozenEncoder, neighbours: bool, mode: str = "spot") -> str:
