@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,50 @@ def device_info() -> dict:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _anon_rss_mb() -> float | None:
+    """Anonymous resident memory of this process (Linux ``RssAnon``), MB; ``None`` elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class AnonPeak:
+    """Peak anonymous resident memory while the ``with`` block runs, sampled every ``interval`` s.
+
+    ``ru_maxrss`` also counts file-backed pages of memory-mapped files (page cache that the kernel
+    drops under pressure), so for code that streams a memory-mapped feature file it says little about
+    the memory the process really needs; ``RssAnon`` is that part. ``peak_mb`` is ``None`` off Linux.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak_mb = _anon_rss_mb()
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = _anon_rss_mb()
+            if now is not None and (self.peak_mb is None or now > self.peak_mb):
+                self.peak_mb = now
+
+    def __enter__(self) -> AnonPeak:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = _anon_rss_mb()
+        if now is not None and (self.peak_mb is None or now > self.peak_mb):
+            self.peak_mb = now
 
 
 def save(name: str, payload: dict) -> Path:

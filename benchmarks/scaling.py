@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from _common import device_info, markdown_table, save
+from _common import AnonPeak, device_info, markdown_table, save
 
 
 def model_part(n: int, dim: int, genes: int, chunk: int) -> dict:
@@ -50,7 +50,7 @@ def model_part(n: int, dim: int, genes: int, chunk: int) -> dict:
     model = GeneDML(cfg).to(device).eval()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with AnonPeak() as anon, torch.inference_mode():
         g = model.encode_global(local.to(device), torch.from_numpy(coords).to(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -69,6 +69,7 @@ def model_part(n: int, dim: int, genes: int, chunk: int) -> dict:
         "us_per_spot": 1e6 * total / n,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_mb": rss0,
+        "peak_anon_mb": anon.peak_mb,
         "feature_mb": (local.numel() + neighbour.size) * 4 / 2**20,  # neighbour part memory-mapped
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
@@ -106,7 +107,8 @@ def encode_part(n: int) -> dict:
     s.shapes["big_grid"] = shapes
     enc = load_encoder("stain-texture")
     t0 = time.perf_counter()
-    feats = extract_features(s, enc, neighbours=False, use_cache=False)
+    with AnonPeak() as anon:
+        feats = extract_features(s, enc, neighbours=False, use_cache=False)
     dt = time.perf_counter() - t0
     return {
         "part": "tiles+encode (local, stain-texture)",
@@ -115,6 +117,7 @@ def encode_part(n: int) -> dict:
         "predict_s": dt,
         "us_per_spot": 1e6 * dt / feats.n_spots,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_anon_mb": anon.peak_mb,
     }
 
 
@@ -144,7 +147,7 @@ def main() -> None:
         rows.append(json.loads(line[7:]))
         print(rows[-1], flush=True)
     print(f"\nDevice: {device_info()}; encoder width D={args.dim}, attention query chunk {args.chunk}")
-    print(markdown_table(rows, ["part", "spots", "predict_s", "us_per_spot", "peak_rss_mb"]))
+    print(markdown_table(rows, ["part", "spots", "predict_s", "us_per_spot", "peak_rss_mb", "peak_anon_mb"]))
     print(f"wrote {save('scaling', {'rows': rows, 'device': device_info(), 'dim': args.dim, 'chunk': args.chunk})}")
 
 
