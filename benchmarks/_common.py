@@ -62,11 +62,14 @@ class AnonPeak:
         self.peak_mb = _anon_rss_mb()
         self._stop = threading.Event()
 
+    def _sample(self) -> None:
+        now = _anon_rss_mb()
+        if now is not None and (self.peak_mb is None or now > self.peak_mb):
+            self.peak_mb = now
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            now = _anon_rss_mb()
-            if now is not None and (self.peak_mb is None or now > self.peak_mb):
-                self.peak_mb = now
+            self._sample()
 
     def __enter__(self) -> AnonPeak:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -76,9 +79,7 @@ class AnonPeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        now = _anon_rss_mb()
-        if now is not None and (self.peak_mb is None or now > self.peak_mb):
-            self.peak_mb = now
+        self._sample()
 
 
 def save(name: str, payload: dict) -> Path:

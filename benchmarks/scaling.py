@@ -20,12 +20,10 @@ import sys
 import tempfile
 import time
 
-from _common import AnonPeak, device_info, markdown_table, save
+from _common import AnonPeak, device_info, markdown_table, peak_rss_mb, save
 
 
 def model_part(n: int, dim: int, genes: int, chunk: int) -> dict:
-    import resource
-
     import numpy as np
     import torch
 
@@ -48,7 +46,7 @@ def model_part(n: int, dim: int, genes: int, chunk: int) -> dict:
     neighbour = np.load(f"{tmpdir}/neighbour.npy", mmap_mode="r")
     cfg = GeneDMLConfig(enc_dim=dim, n_genes=genes, attn_chunk=chunk)
     model = GeneDML(cfg).to(device).eval()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     with AnonPeak() as anon, torch.inference_mode():
         g = model.encode_global(local.to(device), torch.from_numpy(coords).to(device))
@@ -67,7 +65,7 @@ def model_part(n: int, dim: int, genes: int, chunk: int) -> dict:
         "global_s": t_global,
         "predict_s": total,
         "us_per_spot": 1e6 * total / n,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "rss_before_mb": rss0,
         "peak_anon_mb": anon.peak_mb,
         "feature_mb": (local.numel() + neighbour.size) * 4 / 2**20,  # neighbour part memory-mapped
@@ -76,8 +74,6 @@ def model_part(n: int, dim: int, genes: int, chunk: int) -> dict:
 
 
 def encode_part(n: int) -> dict:
-    import resource
-
     import numpy as np
     import spatialdata as sd
     from spatialdata.models import Image2DModel
@@ -116,7 +112,7 @@ def encode_part(n: int) -> dict:
         "image_px": f"{big.shape[1]}x{big.shape[2]}",
         "predict_s": dt,
         "us_per_spot": 1e6 * dt / feats.n_spots,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "peak_anon_mb": anon.peak_mb,
     }
 
