@@ -26,13 +26,21 @@ class Settings:
     n_jobs
         Worker processes for tile decoding (``DataLoader`` workers). ``-1`` means all cores.
     cache_dir
-        Where feature caches and downloaded data go. Defaults to ``$GENEDML_SD_CACHE`` or
+        Where feature caches and downloaded data go (a path or a string; stored as a
+        :class:`~pathlib.Path`, ``~`` expanded). Defaults to ``$GENEDML_SD_CACHE`` or
         ``~/.cache/genedml-sd``.
     """
 
     progress: bool = True
     n_jobs: int = -1
     cache_dir: Path = field(default_factory=_default_cache_dir)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "cache_dir":
+            if not isinstance(value, str | os.PathLike):
+                raise TypeError(f"settings.cache_dir must be a path or a string, got {type(value).__name__}.")
+            value = Path(value).expanduser()
+        super().__setattr__(name, value)
 
     @property
     def n_workers(self) -> int:
