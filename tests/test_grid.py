@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ def _b4_view(demo):
     return view
 
 
-def _synthetic(*, blank=False, multiscale=False):
+def _synthetic(*, blank=False, multiscale=False, white=False):
     """White 600 x 480 px image at 2 µm/px with a purple square of 'tissue', Scale(2, 2) to global."""
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
@@ -35,6 +37,8 @@ def _synthetic(*, blank=False, multiscale=False):
 
     rng = np.random.default_rng(0)
     img = rng.integers(242, 256, size=(3, 480, 600)).astype(np.uint8)  # slightly noisy glass
+    if white:
+        img[:] = 255
     if not blank:
         img[:, slice(*SQUARE_ROWS), slice(*SQUARE_COLS)] = np.array([150, 80, 160], dtype=np.uint8)[:, None, None]
     el = Image2DModel.parse(
@@ -274,6 +278,27 @@ def test_blank_image_has_no_tissue():
     with pytest.raises(ValueError, match="no tissue"):
         spot_grid(sdata, "syn_he", spacing_um=20, diameter_um=10)
     assert list(sdata.labels) == [] and list(sdata.shapes) == []
+
+
+def test_no_tissue_message_says_what_was_measured():
+    from genedml_sd.pp._grid import tissue_mask
+
+    with pytest.raises(ValueError) as err:  # pure white: no contrast at all, no threshold
+        tissue_mask(_synthetic(blank=True, white=True), "syn_he")
+    msg = str(err.value)
+    assert "inf" not in msg and "no tissue in image 'syn_he' (level 0, 16 µm/px" in msg
+    assert "ranges 0-0 (median 0, 99th percentile 0) and the image is uniform" in msg
+    assert "so 'otsu' finds no threshold" in msg
+    with pytest.raises(ValueError) as err:  # noisy glass: OD <= -log10(242 / 255) = 0.023
+        tissue_mask(_synthetic(blank=True), "syn_he", method="triangle")
+    msg = str(err.value)
+    assert "inf" not in msg and re.search(r"ranges 0\.0\d+-0\.0[12]\d* \(median 0\.01", msg), msg
+    assert "the 'triangle' threshold is 0.0" in msg and "raised to the minimal tissue optical density 0.05; 0 px" in msg
+    with pytest.raises(ValueError, match=r"the fixed threshold is 2; 0 px exceed it"):
+        tissue_mask(_synthetic(), "syn_he", method=2.0)
+    # the tissue square (OD -log10(80 / 255) = 0.50) is found, then dropped as too small
+    with pytest.raises(ValueError, match=r"ranges 0\.0\d+-0\.503 .*; \d+ px exceed it, all in too small pieces"):
+        tissue_mask(_synthetic(), "syn_he", min_area_um2=1e9)
 
 
 def test_existing_key_needs_overwrite():

@@ -141,6 +141,23 @@ def _threshold(od: np.ndarray, method: str | float, sigma_px: float) -> float:
     raise ValueError(f"method must be 'otsu', 'triangle' or a positive optical density, got {method!r}.")
 
 
+def _no_tissue_message(image_key: str, where: str, od: np.ndarray, method: str | float, raw: float, n_px: int) -> str:
+    """Why no tissue was found: the measured optical densities, the threshold and what exceeded it."""
+    q = np.quantile(od, [0.0, 0.5, 0.99, 1.0]) + 0.0  # no '-0' for white glass
+    if not math.isfinite(raw):
+        how = f"the image is uniform (no contrast after {SMOOTH_UM:g} µm smoothing), so {method!r} finds no threshold"
+    else:
+        how = f"the {'fixed' if not isinstance(method, str) else repr(method)} threshold is {raw:.3g}"
+        if raw < MIN_TISSUE_OD:
+            how += f", raised to the minimal tissue optical density {MIN_TISSUE_OD:g}"
+        how += f"; {n_px} px exceed it" + (", all in too small pieces" if n_px else "")
+    return (
+        f"Found no tissue in image {image_key!r} ({where}): its optical density (darkest channel, log10; glass is "
+        f"about 0-0.03) ranges {q[0]:.3g}-{q[3]:.3g} (median {q[1]:.3g}, 99th percentile {q[2]:.3g}) and {how}. "
+        "Check the image, or pass a fixed optical-density threshold as method=... or a smaller min_area_um2."
+    )
+
+
 def _mask_transformations(image: Any, scale_xy: tuple[float, float]) -> dict[str, Any]:
     """Transformations of a mask whose pixel is ``scale_xy`` scale0 pixels, in every system of ``image``."""
     from spatialdata.transformations import Scale, Sequence, get_transformation
@@ -242,16 +259,16 @@ def tissue_mask(
 
     ds = level_downsampling(levels)[k] * factor  # scale0 px per mask px, (y, x)
     mask_um = float(np.sqrt(um[0, 0] * um[0, 1]) * np.sqrt(ds[0] * ds[1]))  # µm per mask px
-    thr = max(_threshold(od, method, SMOOTH_UM / mask_um), MIN_TISSUE_OD)
+    raw_thr = _threshold(od, method, SMOOTH_UM / mask_um)
+    thr = max(raw_thr, MIN_TISSUE_OD)
     mask = od > thr
+    n_above = int(mask.sum())
     mask = _pad_closing(mask, int(round(CLOSING_UM / mask_um)))
     mask = _fill_small_holes(mask, max_hole_um2 / mask_um**2)
     mask = _remove_small(mask, min_area_um2 / mask_um**2)
     if not mask.any():
-        raise ValueError(
-            f"Found no tissue in image {image_key!r} (level {k}, {mask_um:.3g} µm/px, optical density threshold "
-            f"{thr:.3g}, pieces >= {min_area_um2:g} µm²). Check the image, or pass a fixed threshold as method=..."
-        )
+        where = f"level {k}, {mask_um:.3g} µm/px, pieces >= {min_area_um2:g} µm²"
+        raise ValueError(_no_tissue_message(image_key, where, od, method, raw_thr, n_above))
     logger.info(
         "Tissue mask of %s from level %d at %.3g µm/px: %.1f%% tissue (OD threshold %.3f)",
         image_key,
