@@ -12,12 +12,14 @@ from genedml_sd.encoders import (
     EncoderSpec,
     EncoderWeightsError,
     FrozenEncoder,
+    _build,
+    _catalogue,
+    _frozen,
     get_spec,
     list_encoders,
     load_encoder,
     register_encoder,
 )
-from genedml_sd.encoders import _registry as reg
 from genedml_sd.encoders._builtin import EMBED_DIM, StainTexture, feature_names, rgb_to_hed
 
 NAMES = ["uni", "uni2-h", "h-optimus-0", "virchow2", "resnet50", "vit-s16", "vit-l16", "stain-texture"]
@@ -84,7 +86,7 @@ def test_register_custom_encoder():
         assert torch.equal(out, load_encoder("tiny-test", pretrained=False)(_tiles(3)))
         assert "tiny-test" in list_encoders().index
     finally:
-        reg._REGISTRY.pop("tiny-test", None)
+        _catalogue._REGISTRY.pop("tiny-test", None)
 
 
 def test_spec_validation():
@@ -248,8 +250,8 @@ def test_unreachable_hub_fails_fast(monkeypatch):
 )
 def test_architectures_on_meta(name, dim, params_m):
     spec = get_spec(name)
-    backbone = reg.build_backbone(spec, device="meta")
-    assert reg.pooled_width(backbone, spec.pool) == dim == spec.embed_dim
+    backbone = _build.build_backbone(spec, device="meta")
+    assert _build.pooled_width(backbone, spec.pool) == dim == spec.embed_dim
     n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
     assert abs(n_params - params_m) / params_m < 0.02
     enc = FrozenEncoder(backbone, spec, "test").to("meta")
@@ -276,7 +278,7 @@ def test_stain_texture_shape_and_finite(stain):
     assert torch.isfinite(out).all()
     assert load_encoder("stain-texture").fingerprint == stain.fingerprint
     bumped = dataclasses.replace(stain.spec, version="stain-texture-v2", timm_kwargs={})
-    assert reg._fingerprint(bumped, "x") != reg._fingerprint(stain.spec, "x")
+    assert _frozen._fingerprint(bumped, "x") != _frozen._fingerprint(stain.spec, "x")
     with pytest.raises(ValueError, match="no weights"):
         load_encoder("stain-texture", weights="w.bin")
 

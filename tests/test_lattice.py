@@ -9,8 +9,7 @@ from torch import nn
 
 import genedml_sd as gd
 from genedml_sd.encoders import extract_features, load_encoder
-from genedml_sd.encoders._lattice import LatticeTiler, plan_lattice
-from genedml_sd.tiling import SpotTiler, TileGeometry
+from genedml_sd.tiling import LatticeTiler, SpotTiler, TileGeometry, plan_lattice
 
 from .conftest import coordinate_image, decode_coordinates
 from .test_tiling import make_sdata

@@ -7,18 +7,12 @@ the features on disk, keyed by the slide, the encoder's :attr:`FrozenEncoder.fin
 tile geometry.
 """
 
+from ._catalogue import UnknownEncoderError, get_spec, list_encoders, load_encoder, register_encoder
 from ._distributed import extract_features_sharded, process_rank
 from ._extract import SpotFeatures, extract_features
-from ._registry import (
-    EncoderSpec,
-    EncoderWeightsError,
-    FrozenEncoder,
-    UnknownEncoderError,
-    get_spec,
-    list_encoders,
-    load_encoder,
-    register_encoder,
-)
+from ._frozen import FrozenEncoder
+from ._specs import EncoderSpec
+from ._weights import EncoderWeightsError
 
 __all__ = [
     "EncoderSpec",

@@ -221,6 +221,7 @@ class StainTexture(nn.Module):
 
     version = VERSION
     embed_dim = EMBED_DIM
+    hed_matrix: torch.Tensor  # buffer (3, 3), registered in __init__
 
     def __init__(self) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from ._extract import SpotFeatures
-    from ._registry import FrozenEncoder
+    from ._frozen import FrozenEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -6,29 +6,27 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from genedml_sd._settings import settings
 from genedml_sd._spatial import image_levels
-from genedml_sd.tiling import SpotTiler, TileGeometry, tile_loader
+from genedml_sd.tiling import LATTICE_VERSION, LatticeTiler, SpotTiler, TileGeometry, plan_lattice, tile_loader
 
-from ._lattice import LATTICE_VERSION, LatticeTiler, plan_lattice
+from ._cache import CacheEntry, EntryWriter, read_entry
 
 if TYPE_CHECKING:
     import torch
     from spatialdata import SpatialData
 
-    from ._registry import FrozenEncoder
+    from ._frozen import FrozenEncoder
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
 MODES = ("spot", "lattice")
 
 
@@ -128,7 +126,7 @@ def feature_cache_key(tiler: SpotTiler, encoder: FrozenEncoder, neighbours: bool
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     import torch
 
     if precision == "32" or (precision == "auto" and device.type != "cuda"):
@@ -197,7 +195,7 @@ def extract_features(
         offset, at most ``tile_um * sqrt(2) / 2``, 79 µm for 112 µm tiles). The local feature, and the
         centre token, stay the exact spot-centred tile. Calls per spot: 1 + lattice tiles / spots
         (about 5 instead of 25 on HER2ST). Same shapes and token order as ``"spot"``; ignored when
-        ``neighbours=False``. See :mod:`genedml_sd.encoders._lattice`.
+        ``neighbours=False``. See :class:`~genedml_sd.tiling.LatticeTiler`.
     batch_size
         Spots per tile batch read by a worker (a neighbour batch holds ``batch_size * grid**2`` tiles;
         a lattice batch as many lattice tiles).
@@ -208,14 +206,17 @@ def extract_features(
     precision
         ``"auto"`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``"32"``, ``"16"`` or ``"bf16"``.
     num_workers
-        Tile-decoding worker processes. Default: :attr:`genedml_sd.settings.n_workers` on a GPU; one on
+        Tile-decoding worker processes. Default: ``gd.settings.n_jobs`` on a GPU; one on
         the CPU, where the encoder itself needs the cores (measured: 1 worker 299 tiles/s, 2 workers 248,
         none 233 with ``stain-texture`` on 2 cores).
     cache_dir
         Feature cache root (default ``settings.cache_dir / "features"``).
     use_cache
         Read and write the cache. Any change of pixels, spots, pixel size, encoder weights,
-        tile geometry or mode changes the key, so stale features are never reused.
+        tile geometry or mode changes the key, so stale features are never reused. Entries are
+        verified when read (file sizes and SHA-256 recorded when written; a damaged entry is logged
+        and recomputed) and published atomically, so several processes may fill one cache at once
+        (see the feature cache).
 
     Returns
     -------
@@ -223,7 +224,6 @@ def extract_features(
     encoder calls (tiles) they cost.
     """
     import torch
-    from tqdm.auto import tqdm
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -234,28 +234,15 @@ def extract_features(
     coords_um = tiler.centres_px(0) * tiler.um_per_px0
     root = Path(cache_dir) if cache_dir is not None else settings.cache_dir / "features"
     key = feature_cache_key(tiler, encoder, neighbours, mode)
-    folder = root / key
     if use_cache:
         # a neighbour cache (of either mode: both hold spot-centred local features) also holds the local ones
         candidates = [key] if neighbours else [feature_cache_key(tiler, encoder, True, m) for m in MODES] + [key]
         for k in candidates:
-            meta_file = root / k / "meta.json"
-            if not meta_file.exists():
-                continue
-            meta = json.loads(meta_file.read_text())
-            if meta.get("format") == CACHE_FORMAT and meta.get("n_spots") == tiler.n_spots:
-                logger.info("Feature cache hit for %s (%s)", tiler.image_key, root / k)
-                # memory-mapped: (N, 25, D) float32 is 10 GB for 10^5 spots at D=1024; pages are read as used
-                nb = np.load(root / k / "neighbour.npy", mmap_mode="r") if neighbours else None
-                return SpotFeatures(
-                    np.load(root / k / "local.npy"),
-                    nb,
-                    coords_um,
-                    tiler.spot_ids,
-                    k,
-                    n_encoded_tiles=meta.get("n_encoded_tiles"),
-                    mode=mode,
-                )
+            n_nb = tiler.geometry.n_neighbours if neighbours else None
+            entry = read_entry(root, k, n_spots=tiler.n_spots, dim=encoder.embed_dim, n_neighbours=n_nb)
+            if entry is not None:
+                logger.info("Feature cache hit for %s (%s)", tiler.image_key, entry.folder)
+                return _from_entry(entry, tiler, coords_um, k, mode)
 
     encoder = encoder.to(dev).eval()
     g = tiler.geometry
@@ -264,52 +251,27 @@ def extract_features(
         num_workers = settings.n_workers if dev.type == "cuda" else min(1, settings.n_workers)
     loader_kw = {"num_workers": num_workers, "pin_memory": dev.type == "cuda"}
     extra_meta: dict = {}
-    if mode == "lattice":
-        local, neighbour, n_encoded, extra_meta = _extract_lattice(
-            tiler, encoder, dev, precision, batch_size, encode_batch_size, loader_kw
-        )
-    else:
-        kind = "neighbour" if neighbours else "local"
-        local = np.zeros((tiler.n_spots, encoder.embed_dim), dtype=np.float32)
-        neighbour = None
-        if neighbours:
-            shape = (tiler.n_spots, g.n_neighbours, encoder.embed_dim)
-            if use_cache:
-                # written straight into the cache file: host memory stays bounded by the batch, not the slide
-                tmp = root / f".{key}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                neighbour = np.lib.format.open_memmap(tmp / "neighbour.npy", mode="w+", dtype=np.float32, shape=shape)
-            else:
-                neighbour = np.zeros(shape, dtype=np.float32)
-        loader = tile_loader(tiler, kind, batch_size=batch_size, **loader_kw)
-        desc = f"encoding {tiler.image_key} ({encoder.name})"
-        bar = tqdm(total=tiler.n_spots, desc=desc, disable=not settings.progress)
-        for batch in loader:
-            idx = batch["index"].numpy()
-            tiles = batch["tiles"]
+    # per-spot neighbour tokens go straight into the cache file: host memory stays bounded by the batch
+    writer = EntryWriter(root, key) if use_cache and neighbours and mode == "spot" else None
+    try:
+        if mode == "lattice":
+            local, neighbour, n_encoded, extra_meta = _extract_lattice(
+                tiler, encoder, dev, precision, batch_size, encode_batch_size, loader_kw
+            )
+        else:
+            neighbour = None
             if neighbours:
-                flat = tiles.reshape(-1, *tiles.shape[2:])
-                feats = _encode(encoder, flat, dev, precision, encode_batch_size).reshape(len(idx), g.n_neighbours, -1)
-                neighbour[idx] = feats
-                local[idx] = feats[:, g.n_neighbours // 2]
-            else:
-                local[idx] = _encode(encoder, tiles, dev, precision, encode_batch_size)
-            bar.update(len(idx))
-        bar.close()
-        n_encoded = tiler.n_spots * (g.n_neighbours if neighbours else 1)
-
+                shape = (tiler.n_spots, g.n_neighbours, encoder.embed_dim)
+                neighbour = writer.open_neighbour(shape) if writer is not None else np.zeros(shape, dtype=np.float32)
+            local, n_encoded = _extract_spots(
+                tiler, encoder, neighbour, dev, precision, batch_size, encode_batch_size, loader_kw
+            )
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
     if use_cache:
-        tmp = root / f".{key}.tmp"
-        memmapped = isinstance(neighbour, np.memmap)
-        if not memmapped:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        np.save(tmp / "local.npy", local)
-        if neighbour is not None and not memmapped:
-            np.save(tmp / "neighbour.npy", neighbour)
         meta = {
-            "format": CACHE_FORMAT,
             "n_spots": tiler.n_spots,
             "image_key": tiler.image_key,
             "shapes_key": tiler.shapes_key,
@@ -321,15 +283,72 @@ def extract_features(
             "n_encoded_tiles": int(n_encoded),
             **extra_meta,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if memmapped:
+        memmapped = isinstance(neighbour, np.memmap)
+        if isinstance(neighbour, np.memmap):
+            # already in the entry's file: close the writable map before the folder moves
             neighbour.flush()
-            neighbour = None  # close the writable map before the folder moves
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+            neighbour = None
+        writer = writer or EntryWriter(root, key)
+        try:
+            published = writer.commit(local, neighbour, meta)
+        except BaseException:
+            writer.discard()
+            raise
+        if not published:  # another process wrote the same entry first: serve its files, as a cache hit would
+            n_nb = g.n_neighbours if neighbours else None
+            entry = read_entry(root, key, n_spots=tiler.n_spots, dim=encoder.embed_dim, n_neighbours=n_nb)
+            if entry is None:
+                raise RuntimeError(f"Feature cache entry {root / key} was removed while this process was using it.")
+            return _from_entry(entry, tiler, coords_um, key, mode)
         if memmapped:
-            neighbour = np.load(folder / "neighbour.npy", mmap_mode="r")
+            neighbour = np.load(root / key / "neighbour.npy", mmap_mode="r")  # read-only, as a cache hit
     return SpotFeatures(local, neighbour, coords_um, tiler.spot_ids, key, n_encoded_tiles=int(n_encoded), mode=mode)
+
+
+def _from_entry(entry: CacheEntry, tiler: SpotTiler, coords_um: np.ndarray, key: str, mode: str) -> SpotFeatures:
+    return SpotFeatures(
+        entry.local,
+        entry.neighbour,
+        coords_um,
+        tiler.spot_ids,
+        key,
+        n_encoded_tiles=entry.meta.get("n_encoded_tiles"),
+        mode=mode,
+    )
+
+
+def _extract_spots(
+    tiler: SpotTiler,
+    encoder: FrozenEncoder,
+    neighbour: np.ndarray | None,
+    dev: torch.device,
+    precision: str,
+    batch_size: int,
+    encode_batch_size: int,
+    loader_kw: dict,
+) -> tuple[np.ndarray, int]:
+    """Spot-mode features: ``(local, n_encoded_tiles)``; neighbour tokens are written into ``neighbour`` if given."""
+    from tqdm.auto import tqdm
+
+    g = tiler.geometry
+    local = np.zeros((tiler.n_spots, encoder.embed_dim), dtype=np.float32)
+    kind = "neighbour" if neighbour is not None else "local"
+    loader = tile_loader(tiler, kind, batch_size=batch_size, **loader_kw)
+    desc = f"encoding {tiler.image_key} ({encoder.name})"
+    bar = tqdm(total=tiler.n_spots, desc=desc, disable=not settings.progress)
+    for batch in loader:
+        idx = batch["index"].numpy()
+        tiles = batch["tiles"]
+        if neighbour is not None:
+            flat = tiles.reshape(-1, *tiles.shape[2:])
+            feats = _encode(encoder, flat, dev, precision, encode_batch_size).reshape(len(idx), g.n_neighbours, -1)
+            neighbour[idx] = feats
+            local[idx] = feats[:, g.n_neighbours // 2]
+        else:
+            local[idx] = _encode(encoder, tiles, dev, precision, encode_batch_size)
+        bar.update(len(idx))
+    bar.close()
+    return local, tiler.n_spots * (g.n_neighbours if neighbour is not None else 1)
 
 
 def _extract_lattice(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -10,17 +10,18 @@ from genedml_sd._settings import settings
 
 if TYPE_CHECKING:
     import torch
-
-    from ._tiler import SpotTiler
-
-try:  # torch is a hard dependency, but keep this module importable for docs builds without it
     from torch.utils.data import Dataset as _TorchDataset
-except ImportError:  # pragma: no cover
-    _TorchDataset = object
+
+    from ._tiler import CentredTiler
+else:
+    try:  # torch is a hard dependency, but keep this module importable for docs builds without it
+        from torch.utils.data import Dataset as _TorchDataset
+    except ImportError:  # pragma: no cover
+        _TorchDataset = object
 
 
 class SpotTileBatches(_TorchDataset):
-    """A map-style dataset whose item ``i`` is the ``i``-th batch of tiles of a :class:`SpotTiler`.
+    """A map-style dataset whose item ``i`` is the ``i``-th batch of tiles of a tiler.
 
     Batches (not single tiles) are the unit so that each worker reads the windows of a whole batch
     with one ``dask.compute`` and resamples them in one vectorised call. Use it with
@@ -29,7 +30,7 @@ class SpotTileBatches(_TorchDataset):
     Parameters
     ----------
     tiler
-        The tile source.
+        The tile source: a :class:`SpotTiler`, :class:`LatticeTiler` or any :class:`CentredTiler`.
     kind
         ``"local"`` (items ``(B, 3, px, px)``) or ``"neighbour"`` (items ``(B, grid**2, 3, px, px)``).
     batch_size
@@ -40,7 +41,7 @@ class SpotTileBatches(_TorchDataset):
     Items are dicts ``{"index": LongTensor (B,), "tiles": uint8 tensor}``.
     """
 
-    def __init__(self, tiler: SpotTiler, kind: str, batch_size: int, indices: np.ndarray | None = None) -> None:
+    def __init__(self, tiler: CentredTiler, kind: str, batch_size: int, indices: np.ndarray | None = None) -> None:
         if kind not in ("local", "neighbour"):
             raise ValueError(f"kind must be 'local' or 'neighbour', got {kind!r}.")
         if batch_size < 1:
@@ -66,7 +67,7 @@ class SpotTileBatches(_TorchDataset):
 
 
 def tile_loader(
-    tiler: SpotTiler,
+    tiler: CentredTiler,
     kind: str = "local",
     *,
     batch_size: int = 64,
@@ -88,7 +89,7 @@ def tile_loader(
     indices
         Spots to read (default: all).
     num_workers
-        Worker processes (default :attr:`genedml_sd.settings.n_workers`; 0 reads in the main process).
+        Worker processes (default ``gd.settings.n_jobs``; 0 reads in the main process).
     pin_memory
         Pin host memory for fast GPU transfer (default: when CUDA is available).
     prefetch_factor
@@ -105,5 +106,5 @@ def tile_loader(
     workers = settings.n_workers if num_workers is None else int(num_workers)
     workers = max(0, min(workers, len(ds)))
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if workers > 0 else {}
+    kwargs: dict[str, Any] = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if workers > 0 else {}
     return DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin, **kwargs)

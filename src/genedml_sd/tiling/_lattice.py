@@ -1,4 +1,4 @@
-"""Slide-lattice feature mode: encode a regular lattice of tiles once and gather neighbour tokens from it.
+"""The slide lattice: a regular lattice of tiles, encoded once, from which spots gather their neighbour tokens.
 
 In the per-spot mode every spot's ``grid x grid`` neighbour region is encoded on its own, so on
 HER2ST (spots 200 µm apart, a 560 µm neighbour region) each piece of tissue is encoded about eight
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from genedml_sd.tiling import SpotTiler, TileGeometry
+from ._geometry import TileGeometry
+from ._reader import SlideReader
+from ._tiler import CentredTiler
 
 LATTICE_VERSION = "lattice-v1"
 """Identity of the lattice definition (pitch = tile size, origin at pixel (0, 0)); part of cache keys."""
@@ -41,7 +43,7 @@ class LatticePlan:
         int64 (M, 2).
     token_index
         Row of ``cells`` of each spot's neighbour token, int64 (n_spots, grid**2), token
-        ``t = row * grid + col`` as in :meth:`genedml_sd.tiling.SpotTiler.neighbour_tiles`.
+        ``t = row * grid + col`` as in ``SpotTiler.neighbour_tiles``.
     snap_px
         Distance from each spot centre to the centre of its lattice tile, level-0 px (n_spots,).
     on_lattice
@@ -106,29 +108,29 @@ def plan_lattice(centres_px0: np.ndarray, um_per_px0: float, geometry: TileGeome
     )
 
 
-class LatticeTiler(SpotTiler):
-    """A :class:`~genedml_sd.tiling.SpotTiler` whose "spots" are lattice tile centres.
+class LatticeTiler(CentredTiler):
+    """Tiles centred on lattice tile centres, read from a slide exactly as spot tiles are.
 
-    It shares the image, pyramid-level choice, pixel size, geometry and resampling of the spot tiler
-    it is made from, so ``local_tiles(k)`` reads lattice tile ``k`` exactly as a spot tile centred
-    there would be read, and it works with :func:`genedml_sd.tiling.tile_loader`.
+    A :class:`~genedml_sd.tiling.CentredTiler` over the lattice: it reads the slide through the
+    same :class:`~genedml_sd.tiling.SlideReader` (pyramid level choice, pixel size, resampling) and
+    with the same geometry as the slide's spot tiler, so ``local_tiles(k)`` reads lattice tile ``k``
+    exactly as a spot tile centred there would be read; it works with
+    :func:`genedml_sd.tiling.tile_loader`.
 
     Parameters
     ----------
-    tiler
-        The slide's spot tiler.
+    reader
+        The slide's image pyramid (e.g. ``SpotTiler(...).reader``).
+    geometry
+        Tile geometry; lattice tile ``k`` is the local tile (``tile_um``, ``tile_px``) at centre ``k``.
     centres_px0
         Level-0 pixel centres ``(x, y)`` of the tiles, (M, 2).
     """
 
-    def __init__(self, tiler: SpotTiler, centres_px0: np.ndarray) -> None:
-        # no SpotTiler.__init__: the slide is already resolved and checked, only the centres change
-        self.__dict__.update(tiler.__dict__)
-        self._xy0 = np.asarray(centres_px0, dtype=np.float64).reshape(-1, 2)
-        self.n_spots = len(self._xy0)
-        self.spot_ids = np.arange(self.n_spots)
+    def __init__(self, reader: SlideReader, geometry: TileGeometry, centres_px0: np.ndarray) -> None:
+        super().__init__(reader, geometry, centres_px0)
 
     @classmethod
-    def from_plan(cls, tiler: SpotTiler, plan: LatticePlan) -> LatticeTiler:
-        """The tiler reading the tiles of ``plan``, in ``plan.cells`` order."""
-        return cls(tiler, plan.centres_px())
+    def from_plan(cls, tiler: CentredTiler, plan: LatticePlan) -> LatticeTiler:
+        """The tiler reading the tiles of ``plan``, in ``plan.cells`` order, from the slide of ``tiler``."""
+        return cls(tiler.reader, tiler.geometry, plan.centres_px())
