@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from genedml_sd.model._baselines import (
-    BASELINES,
+from genedml_sd.model import (
     BLEEP,
     RIDGE_ALPHAS,
     BLEEPConfig,
@@ -19,14 +18,24 @@ from genedml_sd.model._baselines import (
     MLPRegressor,
     RidgeConfig,
     RidgeRegressor,
+    TrainArgs,
     fit_ridge,
-    train_bleep,
-    train_mlp,
+    get_method,
+    train_method,
 )
 from genedml_sd.model._data import SlideTensors
 
 D, G, LATENT = 12, 7, 4
 FAST = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
+BASELINES = ["bleep", "mlp", "ridge"]
+
+
+def train_mlp(train, val, config, **kw):
+    return train_method("mlp", train, val, config, TrainArgs(**kw))
+
+
+def train_bleep(train, val, config, **kw):
+    return train_method("bleep", train, val, config, TrainArgs(**kw))
 
 
 def make_slides(seed: int = 0, n: int = 150, n_slides: int = 3, noise: float = 0.1) -> list[SlideTensors]:
@@ -77,7 +86,7 @@ def _roundtrip(model, cls, config):
 # ----------------------------------------------------------------------------------------- interface
 def test_baselines_import_only_torch_and_numpy():
     code = (
-        "import sys, genedml_sd.model._baselines; "
+        "import sys, genedml_sd.model._ridge, genedml_sd.model._mlp, genedml_sd.model._bleep; "
         "bad = [k for k in ('spatialdata', 'anndata', 'lightning', 'sklearn', 'scipy', 'xarray') if k in sys.modules]; "
         "print(bad)"
     )
@@ -87,7 +96,7 @@ def test_baselines_import_only_torch_and_numpy():
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_configs_share_the_interface(name):
-    base = BASELINES[name]
+    base = get_method(name)
     cfg = base.config(enc_dim=D, n_genes=G)
     assert (cfg.use_local, cfg.use_neighbour, cfg.use_global) == (True, False, False)
     assert cfg.scales == ("local",)
@@ -133,7 +142,7 @@ def test_ridge_without_penalty_is_least_squares(data):
     coef, *_ = np.linalg.lstsq(design, y, rcond=None)
     xv = val[0].local.double().numpy()
     expected = np.c_[(xv - mean) / std, np.ones(len(xv))] @ coef
-    got = _predict(fit.model, val[0]).numpy()
+    got = _predict(fit.module, val[0]).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
     # training MSE in the history is the least-squares residual
     resid = ((design @ coef - y) ** 2).mean()
@@ -150,11 +159,11 @@ def test_ridge_chooses_alpha_on_validation_and_round_trips(data):
     row = fit.history[0]
     assert {"train/total", "val/pcc", "val/mse", "alpha"} <= set(row)
     assert row["val/pcc"] > 0.9
-    assert pcc(_predict(fit.model, val[0]), val[0].expr) == pytest.approx(row["val/pcc"], abs=1e-5)
+    assert pcc(_predict(fit.module, val[0]), val[0].expr) == pytest.approx(row["val/pcc"], abs=1e-5)
     # heavy shrinkage is worse than the chosen penalty on this low-noise linear data
     assert fit.alpha_scores[1e4] < row["val/pcc"] - 0.1
-    fresh = _roundtrip(fit.model, RidgeRegressor, fit.config)
-    assert torch.equal(_predict(fresh, val[0]), _predict(fit.model, val[0]))
+    fresh = _roundtrip(fit.module, RidgeRegressor, fit.config)
+    assert torch.equal(_predict(fresh, val[0]), _predict(fit.module, val[0]))
 
 
 def test_ridge_pca_truncation_and_default_alpha(data):
@@ -163,16 +172,16 @@ def test_ridge_pca_truncation_and_default_alpha(data):
     n = sum(s.n_spots for s in train)
     assert fit.config.n_components == 3
     assert fit.config.alpha == pytest.approx(100 / (3 * G * n))
-    comps = fit.model.components.double()
+    comps = fit.module.components.double()
     np.testing.assert_allclose((comps.T @ comps).numpy(), np.eye(3), atol=1e-5)
-    assert fit.model.weight.shape == (3, G)
+    assert fit.module.weight.shape == (3, G)
     # the components are the leading eigenvectors of the training correlation matrix
     x = torch.cat([s.local for s in train]).double().numpy()
     evals, evecs = np.linalg.eigh(np.corrcoef(x, rowvar=False))
     top = evecs[:, ::-1][:, :3]
     np.testing.assert_allclose(np.abs(top.T @ comps.numpy()), np.eye(3), atol=1e-4)
     again = fit_ridge(train, None, RidgeConfig(enc_dim=D, n_genes=G, n_components=3))
-    assert torch.equal(again.model.components, fit.model.components)
+    assert torch.equal(again.module.components, fit.module.components)
 
 
 # ----------------------------------------------------------------------------------------- mlp
@@ -190,11 +199,13 @@ def test_mlp_learns(mlp_fit, data):
     losses = [h["train/total"] for h in hist]
     assert losses[-1] < 0.5 * losses[0]
     assert max(h["val/pcc"] for h in hist) > 0.6
-    assert isinstance(mlp_fit.model, MLPRegressor)
+    assert isinstance(mlp_fit.module, MLPRegressor)
     # the best epoch's weights are restored
-    assert pcc(_predict(mlp_fit.model, val[0]), val[0].expr) == pytest.approx(max(h["val/pcc"] for h in hist), abs=1e-4)
-    fresh = _roundtrip(mlp_fit.model, MLPRegressor, mlp_fit.config)
-    assert torch.equal(_predict(fresh, val[0]), _predict(mlp_fit.model, val[0]))
+    assert pcc(_predict(mlp_fit.module, val[0]), val[0].expr) == pytest.approx(
+        max(h["val/pcc"] for h in hist), abs=1e-4
+    )
+    fresh = _roundtrip(mlp_fit.module, MLPRegressor, mlp_fit.config)
+    assert torch.equal(_predict(fresh, val[0]), _predict(mlp_fit.module, val[0]))
 
 
 def test_mlp_is_deterministic(data):
@@ -202,7 +213,7 @@ def test_mlp_is_deterministic(data):
     cfg = MLPConfig(enc_dim=D, n_genes=G, hidden=16, lr=1e-3)
     a = train_mlp(train, val, cfg, max_epochs=2, batch_size=64, seed=3, **FAST)
     b = train_mlp(train, val, cfg, max_epochs=2, batch_size=64, seed=3, **FAST)
-    assert torch.equal(_predict(a.model, val[0]), _predict(b.model, val[0]))
+    assert torch.equal(_predict(a.module, val[0]), _predict(b.module, val[0]))
     assert [h["train/total"] for h in a.history] == [h["train/total"] for h in b.history]
 
 
@@ -249,19 +260,19 @@ def test_bleep_learns_and_predicts_alone(bleep_fit, data):
     train, val = data
     n_ref = sum(s.n_spots for s in train)
     assert bleep_fit.config.n_reference == n_ref
-    assert bleep_fit.model.ref_expr.shape == (n_ref, G)
-    torch.testing.assert_close(bleep_fit.model.ref_expr, torch.cat([s.expr for s in train]))
+    assert bleep_fit.module.ref_expr.shape == (n_ref, G)
+    torch.testing.assert_close(bleep_fit.module.ref_expr, torch.cat([s.expr for s in train]))
     hist = bleep_fit.history
     assert {"train/total", "train/instance", "val/pcc", "val/mse"} <= set(hist[0])
     assert hist[-1]["train/total"] < hist[0]["train/total"]
     best = max(h["val/pcc"] for h in hist)
     assert best > 0.5
-    pred = _predict(bleep_fit.model, val[0])
+    pred = _predict(bleep_fit.module, val[0])
     assert pcc(pred, val[0].expr) == pytest.approx(best, abs=1e-4)
     # chunked retrieval equals one big query
-    torch.testing.assert_close(_predict(bleep_fit.model, val[0], batch_size=7), pred, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_predict(bleep_fit.module, val[0], batch_size=7), pred, rtol=0, atol=1e-6)
     # a module rebuilt from the (JSON) config predicts alone after load_state_dict
-    fresh = _roundtrip(bleep_fit.model, BLEEP, bleep_fit.config)
+    fresh = _roundtrip(bleep_fit.module, BLEEP, bleep_fit.config)
     assert torch.equal(_predict(fresh, val[0]), pred)
 
 
@@ -275,8 +286,8 @@ def test_baselines_beat_shuffled_labels(data, mlp_fit, bleep_fit):
     train, val = data
     real = {
         "ridge": fit_ridge(train, val, RidgeConfig(enc_dim=D, n_genes=G)).history[0]["val/pcc"],
-        "mlp": pcc(_predict(mlp_fit.model, val[0]), val[0].expr),
-        "bleep": pcc(_predict(bleep_fit.model, val[0]), val[0].expr),
+        "mlp": pcc(_predict(mlp_fit.module, val[0]), val[0].expr),
+        "bleep": pcc(_predict(bleep_fit.module, val[0]), val[0].expr),
     }
     null = {name: [] for name in real}
     for seed in range(3):
@@ -303,7 +314,7 @@ def test_baselines_beat_shuffled_labels(data, mlp_fit, bleep_fit):
             ),
         }
         for name, fit in fits.items():
-            null[name].append(pcc(_predict(fit.model, val[0]), val[0].expr))
+            null[name].append(pcc(_predict(fit.module, val[0]), val[0].expr))
     for name, values in null.items():
         assert abs(np.mean(values)) < 0.25, (name, values)
         assert real[name] > np.mean(values) + 0.4, (name, real[name], values)

@@ -40,7 +40,7 @@ def test_ddp_spawn_two_cpu_processes(preset):
     assert [h["epoch"] for h in lit.history] == [0, 1]
     assert all(np.isfinite(h["train/total"]) and np.isfinite(h["val/pcc"]) for h in lit.history)
     assert lit.best_epoch in (0, 1)
-    state = lit.model.state_dict()
+    state = lit.module.state_dict()
     assert set(state) == set(init)
     assert any(not torch.equal(state[k], init[k]) for k in init)
     # a model without the group loss has no group heads (DDP would fail on parameters without gradients)

@@ -263,7 +263,7 @@ def test_training_is_reproducible_and_runs_in_bf16_autocast():
     slides = _synthetic_slides(n=(64, 64))
     a = train_gene_dml(slides, None, _cfg(), max_epochs=2, batch_size=32, seed=3)
     b = train_gene_dml(slides, None, _cfg(), max_epochs=2, batch_size=32, seed=3)
-    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+    for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb), ka
     c = train_gene_dml(slides, None, _cfg(), max_epochs=1, batch_size=32, seed=3, precision="bf16-mixed")
     assert np.isfinite(c.history[0]["train/total"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genedml_sd.model import TrainArgs, mean_gene_pcc, train_method
 from genedml_sd.model._data import SlideTensors
 from genedml_sd.model._nh2st import (
     NH2ST,
@@ -297,6 +298,10 @@ def test_predict_slide_equals_batched_forward_and_output_bias():
 
 
 # -------------------------------------------------------------------------------------- training
+def train_nh2st(train, val, config, **kw):
+    return train_method("nh2st", train, val, config, TrainArgs(**kw))
+
+
 def _synthetic_slides(seed=0, shapes=((12, 12), (12, 12), (12, 10))):
     """Slides on a 200 µm square lattice; expression and features are linear in shared latent factors."""
     rng = np.random.default_rng(seed)
@@ -313,8 +318,6 @@ def _synthetic_slides(seed=0, shapes=((12, 12), (12, 12), (12, 10))):
 
 
 def test_training_loss_falls_and_validation_learns():
-    from genedml_sd.model._nh2st import train_nh2st
-
     *train, val = _synthetic_slides()
     lit = train_nh2st(train, [val], _cfg(lr=1e-3), max_epochs=8, batch_size=48, seed=0, patience=20)
     hist = lit.history
@@ -325,26 +328,22 @@ def test_training_loss_falls_and_validation_learns():
     assert hist[-1]["train/mse"] < 0.75 * hist[0]["train/mse"]
     assert max(h["val/pcc"] for h in hist) > 0.5
     assert lit.best_epoch == int(np.argmax([h["val/pcc"] for h in hist]))
-    assert isinstance(lit.model, NH2ST)
+    assert isinstance(lit.module, NH2ST)
     # the neighbourhoods were computed once, on the lattice (interior spots have all 25 nodes)
-    assert lit.neighbourhoods[0].shape == (144, 25) and (lit.neighbourhoods[0][5 * 12 + 5] >= 0).all()
+    assert lit.contexts[0].shape == (144, 25) and (lit.contexts[0][5 * 12 + 5] >= 0).all()
     # the restored best model predicts the validation slide well
-    pred = lit.model.eval().predict_slide(val.local, val.coords)
-    from genedml_sd.model._lightning import mean_gene_pcc
-
+    pred = lit.module.eval().predict_slide(val.local, val.coords)
     assert mean_gene_pcc(pred, val.expr).item() == pytest.approx(max(h["val/pcc"] for h in hist), abs=1e-4)
 
 
 def test_training_is_reproducible():
-    from genedml_sd.model._nh2st import train_nh2st
-
     slides = _synthetic_slides(shapes=((8, 8), (8, 8)))
     a = train_nh2st(slides, None, _cfg(), max_epochs=2, batch_size=32, seed=3)
     b = train_nh2st(slides, None, _cfg(), max_epochs=2, batch_size=32, seed=3)
-    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+    for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb), ka
     c = train_nh2st(slides, None, _cfg(), max_epochs=1, batch_size=32, seed=4)
-    assert not torch.equal(a.model.image_proj.weight, c.model.image_proj.weight)
+    assert not torch.equal(a.module.image_proj.weight, c.module.image_proj.weight)
     bf16 = train_nh2st(slides, None, _cfg(), max_epochs=1, batch_size=32, seed=3, precision="bf16-mixed")
     assert np.isfinite(bf16.history[0]["train/total"])
     with pytest.raises(ValueError, match="expects 9 / 12"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._base import TrainedConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the full model of the paper: three scales, both contrastive pathways, MSE
@@ -22,7 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class GeneDMLConfig:
+class GeneDMLConfig(TrainedConfig):
     """Hyper-parameters of :class:`~genedml_sd.model.GeneDML` and its training.
 
     Every piece of the method can be switched off, so that the paper's ablations are configs.
@@ -81,8 +83,8 @@ class GeneDMLConfig:
         scores per head.
     """
 
-    enc_dim: int
-    n_genes: int
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
     dim: int = 512
     use_local: bool = True
     use_neighbour: bool = True
@@ -105,22 +107,19 @@ class GeneDMLConfig:
     kmeans_iters: int = 10
     tau_ig: float = 0.07
     lam: float = 0.8
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    step_size: int = 20
-    gamma: float = 0.95
     pos_min_um: float = 100.0
     pos_max_um: float = 20000.0
     attn_chunk: int = 4096
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (self.use_local or self.use_neighbour or self.use_global):
             raise ValueError("At least one of use_local, use_neighbour, use_global must be True.")
         if not (self.instance_loss or self.group_loss or self.pred_loss):
             raise ValueError("At least one loss (instance_loss, group_loss, pred_loss) must be on.")
         if not self.pred_loss:
             raise ValueError("pred_loss=False leaves the prediction head untrained; predictions need it.")
-        for name in ("enc_dim", "n_genes", "dim", "n_heads", "k", "n_neighbours", "gene_hidden", "group_dim"):
+        for name in ("dim", "n_heads", "k", "n_neighbours", "gene_hidden", "group_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.dim % self.n_heads:
@@ -131,28 +130,9 @@ class GeneDMLConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
 
-    @property
-    def scales(self) -> tuple[str, ...]:
-        """Names of the scales in use, in token order."""
-        on = (("local", self.use_local), ("neighbour", self.use_neighbour), ("global", self.use_global))
-        return tuple(name for name, used in on if used)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-serialisable)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GeneDMLConfig:
-        """Build from a dict; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TypeError(f"Unknown GeneDMLConfig fields: {unknown}.")
-        return cls(**d)
-
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GeneDMLConfig:
-        """A named configuration (see :data:`PRESETS`), with field overrides.
+        """A named configuration (see :data:`~genedml_sd.model.PRESETS`), with field overrides.
 
         Parameters
         ----------
@@ -162,10 +142,6 @@ class GeneDMLConfig:
         **overrides
             Fields to set, at least ``enc_dim`` and ``n_genes``.
         """
-        if name not in PRESETS:
-            raise KeyError(f"Unknown config preset {name!r}; available: {sorted(PRESETS)}.")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def replace(self, **changes: Any) -> GeneDMLConfig:
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        if name not in cls.PRESETS:
+            raise KeyError(f"Unknown config preset {name!r}; available: {sorted(cls.PRESETS)}.")
+        return cls.from_dict({**cls.PRESETS[name], **overrides})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -69,6 +70,10 @@ class SlideTensors:
         Read-only arrays (e.g. memory-mapped feature caches) are copied into memory.
         """
 
+        @overload
+        def t(a: np.ndarray) -> torch.Tensor: ...
+        @overload
+        def t(a: None) -> None: ...
         def t(a: np.ndarray | None) -> torch.Tensor | None:
             if a is None:
                 return None
@@ -102,7 +107,7 @@ class SpotBatches(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Draw the batches of an epoch."""
         rng = np.random.default_rng([self.seed, int(epoch)])
-        plan = []
+        plan: list[tuple[int, np.ndarray]] = []
         for s, n in enumerate(self.n_spots):
             if n == 0:
                 continue

@@ -58,7 +58,7 @@ def kmeans(
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
     """k-means++ seeding on unit vectors, with cosine distance ``1 - x.c``."""
     n = x.shape[0]
-    first = torch.randint(n, (1,), generator=generator, device="cpu").item()
+    first = int(torch.randint(n, (1,), generator=generator, device="cpu").item())
     chosen = [first]
     dist = (1 - x @ x[first]).clamp_min(0)
     for _ in range(1, k):

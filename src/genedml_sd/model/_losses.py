@@ -45,7 +45,7 @@ def soft_target_instance_loss(image: torch.Tensor, gene: torch.Tensor, tau: torc
 def multiscale_instance_loss(
     images: Sequence[torch.Tensor], gene: torch.Tensor, tau: torch.Tensor | float
 ) -> torch.Tensor:
-    """Mean of :func:`soft_target_instance_loss` over the scales' image embeddings (list of (N, C))."""
+    """Mean of :func:`~genedml_sd.model.soft_target_instance_loss` over the scales' image embeddings (list of (N, C))."""
     if len(images) == 0:
         raise ValueError("multiscale_instance_loss needs at least one scale.")
     return torch.stack([soft_target_instance_loss(im, gene, tau) for im in images]).mean()

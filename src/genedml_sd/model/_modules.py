@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._base import LossOutput, SlideModule, SpotBatch
 from ._config import GeneDMLConfig
 from ._losses import instance_group_loss, multiscale_instance_loss, prediction_loss
 
@@ -80,7 +81,7 @@ def sinusoidal_position_encoding(coords_um: torch.Tensor, dim: int, min_um: floa
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
 
 
-class GeneDML(nn.Module):
+class GeneDML(SlideModule):
     """Gene-DML: multi-scale image embeddings, a gene encoder and a prediction head.
 
     Scales (each switchable in the config):
@@ -96,15 +97,15 @@ class GeneDML(nn.Module):
     training, a gene encoder embeds the measured expression for the contrastive losses.
 
     Frozen-encoder features are standardised with per-dimension training statistics stored as
-    buffers (:meth:`set_feature_stats`), so they travel with the weights.
+    buffers (:meth:`~genedml_sd.model.SlideModule.set_feature_stats`), so they travel with the weights.
     """
 
+    config: GeneDMLConfig
+
     def __init__(self, config: GeneDMLConfig) -> None:
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         d, enc = cfg.dim, cfg.enc_dim
-        self.register_buffer("feature_mean", torch.zeros(enc))
-        self.register_buffer("feature_std", torch.ones(enc))
 
         def blocks(n: int) -> nn.ModuleList:
             return nn.ModuleList([Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(n)])
@@ -153,25 +154,15 @@ class GeneDML(nn.Module):
         )
 
     # ------------------------------------------------------------------------------ set-up
-    def set_feature_stats(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
-        """Set the per-dimension standardisation of the frozen features (training statistics), (D,)."""
-        mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
-        std = torch.as_tensor(np.asarray(std), dtype=torch.float32).clamp_min(1e-6)
-        self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
-
-    def set_output_bias(self, mean_expression: torch.Tensor | np.ndarray) -> None:
-        """Initialise the head's bias to the mean training expression (G,), so training starts at the mean."""
-        with torch.no_grad():
-            self.head[-1].bias.copy_(torch.as_tensor(np.asarray(mean_expression), dtype=torch.float32))
+    @property
+    def output_bias(self) -> torch.Tensor:
+        """Bias (G,) of the prediction head."""
+        return cast(nn.Linear, self.head[-1]).bias
 
     @property
     def tau(self) -> torch.Tensor:
         """Temperature of the instance loss, ``1 / exp(logit_scale)`` clamped to [0.01, 1]."""
         return (1 / self.logit_scale.exp()).clamp(0.01, 1.0)
-
-    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.feature_mean) / self.feature_std
 
     # ------------------------------------------------------------------------------ image pathway
     def encode_global(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> torch.Tensor:
@@ -191,7 +182,7 @@ class GeneDML(nn.Module):
         cfg = self.config
         if not cfg.use_global:
             raise RuntimeError("This model has no global branch (use_global=False).")
-        x = self.global_in(self._standardise(local_all))
+        x = self.global_in(self.standardise(local_all))
         x = x + sinusoidal_position_encoding(coords_um, cfg.dim, cfg.pos_min_um, cfg.pos_max_um).to(x.dtype)
         x = x.unsqueeze(0)
         for blk in self.global_blocks:
@@ -200,7 +191,7 @@ class GeneDML(nn.Module):
 
     def encode_neighbour(self, neighbour: torch.Tensor) -> torch.Tensor:
         """Neighbour-scale vectors from the grid tokens (B, n_neighbours, D) -> (B, dim)."""
-        x = self.neighbour_in(self._standardise(neighbour)) + self.neighbour_pos
+        x = self.neighbour_in(self.standardise(neighbour)) + self.neighbour_pos
         for blk in self.neighbour_blocks:
             x = blk(x)
         return self.neighbour_proj(self.neighbour_norm(x).mean(dim=1))
@@ -225,7 +216,8 @@ class GeneDML(nn.Module):
         cfg = self.config
         toks = []
         if cfg.use_local:
-            toks.append(self.local_proj(self._standardise(local)))
+            assert local is not None, "this model uses the local scale: pass local features (B, D)"
+            toks.append(self.local_proj(self.standardise(local)))
         if cfg.use_neighbour:
             if neighbour is None:
                 raise ValueError("This model uses the neighbour scale: pass neighbour features (B, 25, D).")
@@ -263,7 +255,7 @@ class GeneDML(nn.Module):
     # ------------------------------------------------------------------------------ training
     def loss(
         self, out: dict[str, torch.Tensor], expr: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
+    ) -> LossOutput:
         """Total loss ``L_instance + lam * L_group + L_pred`` and its parts, for a batch.
 
         Parameters
@@ -277,7 +269,8 @@ class GeneDML(nn.Module):
 
         Returns
         -------
-        Dict with ``total`` and the enabled parts ``instance``, ``group``, ``pred`` (scalars).
+        :class:`~genedml_sd.model.LossOutput` with ``total`` and the enabled parts ``instance``,
+        ``group``, ``pred`` (scalars).
         """
         cfg = self.config
         parts: dict[str, torch.Tensor] = {}
@@ -298,50 +291,32 @@ class GeneDML(nn.Module):
         if cfg.pred_loss:
             parts["pred"] = prediction_loss(out["pred"], expr)
         total = parts.get("instance", 0.0) + cfg.lam * parts.get("group", 0.0) + parts.get("pred", 0.0)
-        return {"total": total, **parts}
+        return LossOutput(cast(torch.Tensor, total), parts)  # a tensor: the config enables at least one loss
+
+    def training_loss(self, batch: SpotBatch) -> LossOutput:
+        """Loss of one batch of one slide; the global branch attends over all spots of the slide.
+
+        Logs the instance temperature as ``train/tau`` (an ``extra`` of the output) when that loss is on.
+        """
+        cfg = self.config
+        glob = None
+        if cfg.use_global:
+            dev = batch.local.device
+            glob = self.encode_global(batch.slide.local.to(dev), batch.slide.coords.to(dev))[batch.index.to(dev)]
+        out = self(batch.local, batch.neighbour, glob)
+        loss = self.loss(out, batch.expr)
+        return LossOutput(loss.total, loss.parts, {"tau": self.tau} if cfg.instance_loss else {})
 
     # ------------------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def predict_slide(
-        self,
-        local_all: torch.Tensor,
-        coords_um: torch.Tensor,
-        neighbour_all: torch.Tensor | None = None,
-        *,
-        batch_size: int = 1024,
+    def encode_slide(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> torch.Tensor | None:
+        """Global-branch tokens (N, dim) of all spots of a slide (``None`` without the global scale)."""
+        if not self.config.use_global:
+            return None
+        dev = self.device
+        return self.encode_global(local_all.to(dev), coords_um.to(dev))
+
+    def predict_batch(
+        self, local: torch.Tensor, neighbour: torch.Tensor | None = None, slide_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Predict all spots of one slide.
-
-        Parameters
-        ----------
-        local_all
-            Local features (N, D) (on any device; moved to the model's).
-        coords_um
-            Spot centres in µm (N, 2).
-        neighbour_all
-            Neighbour features (N, n_neighbours, D) if the model uses them: a tensor or a numpy array
-            (e.g. a memory-mapped feature cache). It stays on the host; batches are converted to
-            float32 and moved one at a time, so memory grows with ``batch_size``, not N.
-        batch_size
-            Spots per forward pass.
-
-        Returns
-        -------
-        (N, G) predicted log-normalised expression, float32 on the model's device.
-        """
-        dev = self.feature_mean.device
-        local_all = local_all.to(dev)
-        g_all = self.encode_global(local_all, coords_um.to(dev)) if self.config.use_global else None
-        out = []
-        for s in range(0, local_all.shape[0], batch_size):
-            nb = _host_batch(neighbour_all[s : s + batch_size], dev) if self.config.use_neighbour else None
-            g = g_all[s : s + batch_size] if g_all is not None else None
-            out.append(self(local_all[s : s + batch_size], nb, g)["pred"].float())
-        return torch.cat(out) if out else torch.zeros(0, self.config.n_genes, device=dev)
-
-
-def _host_batch(batch: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-    """One batch of host features (tensor or numpy array) as float32 on ``device``."""
-    if not isinstance(batch, torch.Tensor):
-        batch = torch.from_numpy(np.array(batch, dtype=np.float32))
-    return batch.to(device).float()
+        """Predicted expression (B, G) from local (B, D), neighbour (B, 25, D) features and global tokens (B, dim)."""
+        return self(local, neighbour, slide_rows)["pred"]

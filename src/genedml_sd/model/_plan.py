@@ -1,0 +1,161 @@
+"""The one LightningModule that trains every gradient-trained method (imports lightning)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ._base import SlideModule, SpotBatch, check_slides, mean_gene_pcc, targets
+from ._data import SlideTensors, SpotBatches
+from ._resume import capture_rng_state, restore_rng_state
+
+#: Key of the plan's own state in a full checkpoint (history, random states, stop flag).
+STATE_KEY = "genedml_sd"
+
+
+class TrainingPlan(pl.LightningModule):
+    """Trains a :class:`~genedml_sd.model.SlideModule` on a list of slides.
+
+    * Data: within-slide spot batches (:class:`~genedml_sd.model.SpotBatches`, reshuffled every epoch
+      from ``seed`` and the epoch); each step gathers the batch's local features, expression and (if
+      the config reads them) neighbour features on the device as a :class:`~genedml_sd.model.SpotBatch`
+      and calls ``module.training_loss``; every returned loss value is logged as ``train/<name>``
+      (epoch mean).
+    * Validation: each validation slide is predicted whole with ``module.predict_slide``; logs
+      ``val/pcc`` (mean per-gene Pearson r) and ``val/mse``. ``module.on_validation_start`` runs first.
+    * Optimisation: ``module.configure_optimizer()`` (Adam + StepLR from the config by default); the
+      scheduler is stepped once per epoch.
+    * Set-up: ``module.prepare(train)`` (feature statistics, output bias, ...) and one
+      ``module.slide_context(slide)`` per training slide (``self.contexts``).
+    * Checkpoints: a full checkpoint also stores the history and the torch / numpy / python random
+      states, so a resumed run continues exactly.
+
+    Parameters
+    ----------
+    module
+        The module to train.
+    train, val
+        Training and (optional) validation slides, with expression.
+    batch_size
+        Spots per batch (batches stay within a slide).
+    seed
+        Seed of the batch order.
+    """
+
+    def __init__(
+        self,
+        module: SlideModule,
+        train: Sequence[SlideTensors],
+        val: Sequence[SlideTensors] | None = None,
+        *,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_slides(train, val, module.config)
+        self.module = module
+        self.config = module.config
+        self.train_slides = list(train)
+        self.val_slides = list(val or [])
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches = SpotBatches([s.n_spots for s in self.train_slides], batch_size, seed)
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch: int | None = None
+        module.prepare(self.train_slides)
+        self.contexts = [module.slide_context(s) for s in self.train_slides]
+        self._restore: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------- data
+    def train_dataloader(self) -> DataLoader:
+        """Within-slide spot batches (indices only; features are gathered in the step)."""
+        return DataLoader(self.batches, batch_size=None, shuffle=False, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        """One item per validation slide."""
+        items = cast("Dataset[int]", list(range(len(self.val_slides))))  # a list is a map-style dataset
+        return DataLoader(items, batch_size=None, shuffle=False)
+
+    def on_train_epoch_start(self) -> None:
+        """Reshuffle the batches for this epoch."""
+        self.batches.set_epoch(self.current_epoch)
+
+    # ----------------------------------------------------------------------------- steps
+    def gather(self, batch: dict[str, torch.Tensor]) -> SpotBatch:
+        """The :class:`~genedml_sd.model.SpotBatch` of a ``SpotBatches`` item, on this module's device."""
+        i = int(batch["slide"])
+        slide = self.train_slides[i]
+        idx = batch["index"].cpu()
+        dev = self.device
+        local = slide.local[idx].to(dev, non_blocking=True)
+        neighbour = None
+        if self.config.use_neighbour:
+            assert slide.neighbour is not None  # checked by check_slides
+            neighbour = slide.neighbour[idx].to(dev, non_blocking=True)
+        expr = targets(slide)[idx].to(dev, non_blocking=True)
+        return SpotBatch(slide, i, idx, local, expr, neighbour, self.contexts[i])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One batch of one slide: the module's loss, logged per part."""
+        spots = self.gather(batch)
+        loss = self.module.training_loss(spots)
+        for name, value in loss.logged().items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=spots.size, sync_dist=True)
+        return loss.total
+
+    def on_validation_epoch_start(self) -> None:
+        """Let the module prepare for prediction (e.g. rebuild a retrieval bank)."""
+        self.module.on_validation_start()
+
+    def validation_step(self, batch: int | torch.Tensor, batch_idx: int) -> None:
+        """Predict a whole validation slide; log mean per-gene PCC and MSE."""
+        slide = self.val_slides[int(batch)]
+        pred = self.module.predict_slide(
+            slide.local, slide.coords, slide.neighbour, batch_size=max(self.batch_size, 1024)
+        )
+        target = targets(slide).to(pred.device)
+        self.log("val/pcc", mean_gene_pcc(pred, target), batch_size=1, sync_dist=True)
+        self.log("val/mse", F.mse_loss(pred, target), batch_size=1, sync_dist=True)
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        """The module's optimiser and per-epoch scheduler (stepped by Lightning after each epoch's last batch)."""
+        opt, sched = self.module.configure_optimizer()
+        if sched is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_train_start(self) -> None:
+        """When resuming a run that had stopped early: stay stopped."""
+        state, self._restore = self._restore, None
+        if state and state.get("should_stop"):
+            self.trainer.should_stop = True
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Full checkpoints (not weights-only ones) also carry the history, random states and stop flag."""
+        if "optimizer_states" not in checkpoint:
+            return
+        checkpoint[STATE_KEY] = {
+            "history": [dict(row) for row in self.history],
+            "rng": capture_rng_state(),
+            "should_stop": bool(self.trainer.should_stop),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the history and the random states (resuming).
+
+        The random states are set here, before Lightning creates the first resumed epoch's data iterator
+        (which draws a seed from torch's generator), as in an uninterrupted run.
+        """
+        state = checkpoint.get(STATE_KEY)
+        if state is not None:
+            self.history = [dict(row) for row in state.get("history", [])]
+            if state.get("rng") is not None:
+                restore_rng_state(state["rng"])
+            self._restore = state
