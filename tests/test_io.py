@@ -199,3 +199,8 @@ def test_visium_pixel_size_from_spot_diameter(b4):
     assert sizes["full"] == pytest.approx(100.0 / (2 * radius))
     assert sizes["hires"] == pytest.approx(4 * sizes["full"])
     assert gd.io.get_pixel_size(s, "hires") == sizes["hires"]
+
+
+def test_legacy_st_records_the_observation_kind_and_size(b4):
+    info = b4.tables["table"].uns["genedml_sd"]
+    assert (info["platform"], info["observation"], info["observation_um"]) == ("legacy_st", "spot", 100.0)

@@ -1,7 +1,11 @@
 """Readers that return :class:`~spatialdata.SpatialData`, and the pixel-size helpers.
 
-Every reader returns an H&E pyramid, the spots as circles with their true radius and a raw-counts
-table annotating them, with the image's pixel size (µm/px) recorded for :func:`get_pixel_size`.
+Every reader returns the same kind of object: an H&E multiscale image ``(c, y, x)`` whose pixel size
+(µm/px of ``scale0``) is recorded for :func:`get_pixel_size`, and, for spatial transcriptomics, the
+observations as a shapes element (spots, bins or cells of their true size) with a raw-counts table
+annotating them; ``table.uns["genedml_sd"]`` holds the sample metadata (``patient``, ``section``,
+``platform``, ``observation`` = ``"spot"`` / ``"bin"`` / ``"cell"`` and its size ``observation_um``).
+:func:`wsi` reads an H&E-only whole-slide image lazily.
 """
 
 from genedml_sd._spatial import get_pixel_size, set_pixel_size
@@ -11,6 +15,9 @@ from ._hest import hest
 from ._legacy_st import her2st, legacy_st
 from ._visium import record_pixel_sizes_from_spots as estimate_pixel_size
 from ._visium import visium
+from ._visium_hd import visium_hd
+from ._wsi import wsi
+from ._xenium import xenium
 
 __all__ = [
     "estimate_pixel_size",
@@ -21,4 +28,7 @@ __all__ = [
     "pixel_size_from_lattice",
     "set_pixel_size",
     "visium",
+    "visium_hd",
+    "wsi",
+    "xenium",
 ]

@@ -27,7 +27,7 @@ CHUNK = 1024
 def pyramid_scale_factors(height: int, width: int, min_side: int = MIN_LEVEL_SIDE) -> list[int]:
     """Halving factors so that the coarsest level's short side is about ``min_side`` px (at least one level)."""
     factors: list[int] = []
-    side = min(height, width)
+    side: float = min(height, width)
     while side / 2 >= min_side:
         factors.append(2)
         side /= 2

@@ -93,6 +93,9 @@ def hest(path: str | PathLike, sample_id: str) -> SpatialData:
     obs.index = pd.Index([f"{sample_id}_{b}" for b in adata.obs_names.astype(str)])
     info = {
         "technology": tech or "unknown",
+        "platform": tech or "unknown",
+        "observation": "spot",
+        "observation_um": float(diameter),
         "spot_diameter_um": float(diameter),
         "um_per_px_image": float(um_per_px),
         "source": "hest",

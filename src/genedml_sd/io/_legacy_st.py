@@ -125,6 +125,9 @@ def legacy_st(
     )
     info = {
         "technology": "legacy_st",
+        "platform": "legacy_st",
+        "observation": "spot",
+        "observation_um": float(spot_diameter_um),
         "spot_diameter_um": float(spot_diameter_um),
         "spot_pitch_um": float(spot_pitch_um),
         "um_per_px_image": float(um_per_px),
