@@ -81,8 +81,8 @@ def _nn_distances(xy):
 
 # ---------------------------------------------------------------------------------------------- tissue mask, B4
 def test_tissue_mask_covers_b4_spots(demo, monkeypatch):
-    import genedml_sd.pp._grid as grid_mod
-    from genedml_sd.pp._grid import tissue_mask
+    import genedml_sd.pp._tissue as grid_mod
+    from genedml_sd.pp._tissue import tissue_mask
 
     sdata = _b4_view(demo)
     um0 = get_pixel_size(sdata, "B4_he")
@@ -128,7 +128,7 @@ def test_tissue_mask_covers_b4_spots(demo, monkeypatch):
 
 
 def test_tissue_mask_not_inplace_and_overwrite(demo):
-    from genedml_sd.pp._grid import tissue_mask
+    from genedml_sd.pp._tissue import tissue_mask
 
     sdata = _b4_view(demo)
     mask = tissue_mask(sdata, "B4_he", inplace=False)
@@ -217,7 +217,7 @@ def test_spot_grid_readable_by_spot_tiler(demo):
 # ---------------------------------------------------------------------------------------------- synthetic
 @pytest.mark.parametrize("multiscale", [False, True])
 def test_synthetic_square_with_scale_transform(multiscale):
-    from genedml_sd.pp._grid import spot_grid, tissue_mask
+    from genedml_sd.pp import spot_grid, tissue_mask
 
     sdata = _synthetic(multiscale=multiscale)
     tissue_mask(sdata, "syn_he", target_um_per_px=8.0)
@@ -250,7 +250,7 @@ def test_synthetic_square_with_scale_transform(multiscale):
 
 
 def test_tissue_mask_explicit_level():
-    from genedml_sd.pp._grid import tissue_mask
+    from genedml_sd.pp._tissue import tissue_mask
 
     sdata = _synthetic(multiscale=True)
     mask = tissue_mask(sdata, "syn_he", level=1, inplace=False)
@@ -270,7 +270,7 @@ def test_spacing_smaller_than_diameter():
 
 
 def test_blank_image_has_no_tissue():
-    from genedml_sd.pp._grid import spot_grid, tissue_mask
+    from genedml_sd.pp import spot_grid, tissue_mask
 
     sdata = _synthetic(blank=True)
     with pytest.raises(ValueError, match=r"no tissue.*syn_he"):
@@ -281,7 +281,7 @@ def test_blank_image_has_no_tissue():
 
 
 def test_no_tissue_message_says_what_was_measured():
-    from genedml_sd.pp._grid import tissue_mask
+    from genedml_sd.pp._tissue import tissue_mask
 
     with pytest.raises(ValueError) as err:  # pure white: no contrast at all, no threshold
         tissue_mask(_synthetic(blank=True, white=True), "syn_he")
@@ -330,3 +330,144 @@ def test_mask_in_other_coordinate_system():
         spot_grid(sdata, "syn_he", mask="elsewhere")
     with pytest.raises(KeyError, match="nope"):
         spot_grid(sdata, "syn_he", mask="nope")
+
+
+# ---------------------------------------------------------------------------------------------- square bins
+def _corners(grid):
+    """Corners (n, 4, 2) of square polygons, in the element's own coordinates (closing vertex dropped)."""
+    import shapely
+
+    coords = shapely.get_coordinates(grid.geometry.to_numpy()).reshape(len(grid), 5, 2)
+    return coords[:, :4]
+
+
+def _to_px(sdata, key, image_key, pts):
+    from genedml_sd._spatial import affine_to_pixels
+
+    m = affine_to_pixels(sdata, key, image_key)
+    return pts @ m[:2, :2].T + m[:2, 2]
+
+
+def test_square_bins_exact_geometry_synthetic():
+    from genedml_sd.pp import spot_grid
+
+    sdata = _synthetic()
+    spot_grid(sdata, "syn_he", shape="square", size_um=8, mask=None)
+    grid = sdata["syn_he_bins_8um"]
+    # 600 x 480 px at 2 µm/px = 1200 x 960 µm, tiled by 8 µm bins without gaps or margins
+    assert len(grid) == 150 * 120
+    assert set(grid.geometry.geom_type) == {"Polygon"}
+    np.testing.assert_array_equal(grid["side_um"].to_numpy(), 8.0)
+    corners = _corners(grid)
+    px = _to_px(sdata, "syn_he_bins_8um", "syn_he", corners.reshape(-1, 2)).reshape(corners.shape)
+    um = px * SYN_UM_PER_PX
+    lo, hi = um.min(axis=1), um.max(axis=1)
+    np.testing.assert_allclose(hi - lo, 8.0, atol=1e-9)  # side 8 µm = 4 px
+    np.testing.assert_allclose(px.max(axis=1) - px.min(axis=1), 4.0, atol=1e-9)
+    # bin (col, row) covers [8 col, 8 col + 8) x [8 row, 8 row + 8) µm, row-major order
+    rows, cols = np.divmod(np.arange(len(grid)), 150)
+    np.testing.assert_allclose(lo, np.column_stack([8.0 * cols, 8.0 * rows]), atol=1e-9)
+    # four distinct corners: an axis-aligned square, not a degenerate polygon
+    for k in range(2):
+        assert (np.unique(np.round(um[:, :, k] - lo[:, None, k], 9), axis=1).shape[1]) == 2
+    # stored in global units: the image's Scale(2, 2) from px
+    np.testing.assert_allclose(corners, 2 * px, atol=1e-9)
+    np.testing.assert_allclose(grid.geometry.area.to_numpy(), 8.0**2, rtol=1e-12)  # 4 px x 2 = 8 global units
+
+
+def test_square_bins_on_tissue_b4(demo):
+    import shapely
+
+    from genedml_sd.pp import spot_grid
+
+    sdata = _b4_view(demo)
+    um0 = get_pixel_size(sdata, "B4_he")
+    h0, w0 = image_levels(sdata["B4_he"])[0].shape[1:]
+    grid = spot_grid(sdata, "B4_he", shape="square", size_um=56, inplace=False)
+    assert "B4_he_bins_56um" not in sdata
+    sdata.shapes["sq56"] = grid
+    corners = _corners(grid)
+    px = _to_px(sdata, "sq56", "B4_he", corners.reshape(-1, 2)).reshape(corners.shape)
+    lo = px.min(axis=1)
+    np.testing.assert_allclose((px.max(axis=1) - lo) * um0, 56.0, rtol=1e-9)
+    assert (lo >= -1e-6).all() and (px.max(axis=1) <= np.array([w0, h0]) + 1e-6).all()
+    # bins sit on one lattice of 56 µm: lower corners are whole multiples of the side apart
+    steps = (lo - lo.min(axis=0)) * um0 / 56.0
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-6)
+    # bins tile without overlap and their centres are on tissue: the measured spots lie in them
+    assert shapely.union_all(grid.geometry.to_numpy()).area == pytest.approx(grid.geometry.area.sum(), rel=1e-9)
+    full = spot_grid(sdata, "B4_he", shape="square", size_um=56, mask=None, inplace=False)
+    assert 0.2 * len(full) < len(grid) < 0.9 * len(full)
+    centres = np.column_stack([sdata["B4_spots"].geometry.x, sdata["B4_spots"].geometry.y])
+    inside = shapely.contains_xy(shapely.union_all(grid.geometry.to_numpy()), centres[:, 0], centres[:, 1])
+    assert inside.mean() >= 0.95
+    # the tiler reads the squares like spots: tiles centred on the square centres
+    from genedml_sd.tiling import SpotTiler
+
+    tiler = SpotTiler(sdata, "B4_he", "sq56")
+    np.testing.assert_allclose(tiler.centres_px(0), lo + 28.0 / um0, atol=1e-6)
+
+
+def test_square_bins_rotated_image():
+    """Under a rotation, bins are squares in image pixels and rotated squares in the global system."""
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Affine
+
+    from genedml_sd.pp import spot_grid
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = Affine(np.array([[2 * c, -2 * s, 10.0], [2 * s, 2 * c, -5.0], [0, 0, 1]]), ("x", "y"), ("x", "y"))
+    img = np.full((3, 100, 120), 200, dtype=np.uint8)
+    sdata = SpatialData(images={"im": Image2DModel.parse(img, dims=("c", "y", "x"), transformations={"global": rot})})
+    set_pixel_size(sdata, "im", 0.5)
+    spot_grid(sdata, "im", shape="square", size_um=10, spacing_um=12.5, mask=None, key_added="b")
+    grid = sdata["b"]
+    assert len(grid) == 5 * 4  # floor((60 - 10) / 12.5) + 1 columns, floor((50 - 10) / 12.5) + 1 rows
+    corners = _corners(grid)
+    px = _to_px(sdata, "b", "im", corners.reshape(-1, 2)).reshape(corners.shape)
+    np.testing.assert_allclose((px.max(axis=1) - px.min(axis=1)) * 0.5, 10.0, atol=1e-9)
+    lo = px.min(axis=1) * 0.5  # µm; the lattice is centred: margins (60 - 60) / 2 and (50 - 47.5) / 2
+    np.testing.assert_allclose(np.unique(np.round(lo[:, 0], 9)), [0.0, 12.5, 25.0, 37.5, 50.0], atol=1e-9)
+    np.testing.assert_allclose(np.unique(np.round(lo[:, 1], 9)), [1.25, 13.75, 26.25, 38.75], atol=1e-9)
+    np.testing.assert_allclose(grid.geometry.area.to_numpy(), (10 / 0.5 * 2) ** 2, rtol=1e-9)  # global units
+
+
+def test_square_bins_errors():
+    from genedml_sd.pp import spot_grid
+
+    sdata = _synthetic()
+    with pytest.raises(ValueError, match="needs size_um"):
+        spot_grid(sdata, "syn_he", shape="square")
+    with pytest.raises(ValueError, match="square lattice"):
+        spot_grid(sdata, "syn_he", shape="square", size_um=8, lattice="hex")
+    with pytest.raises(ValueError, match=r"size_um=8 is the side of square bins"):
+        spot_grid(sdata, "syn_he", size_um=8)
+    with pytest.raises(ValueError, match=r"spacing_um=4 is smaller than size_um=8.*bins would overlap"):
+        spot_grid(sdata, "syn_he", shape="square", size_um=8, spacing_um=4)
+    with pytest.raises(ValueError, match="shape must be 'circle' or 'square'"):
+        spot_grid(sdata, "syn_he", shape="hexagon")
+    assert list(sdata.shapes) == []
+
+
+def test_million_square_bins_are_vectorised():
+    """10^6 bins (1000 x 1000 of 8 µm) are built by vectorised shapely calls: about 2 s of CPU, not minutes."""
+    import time
+
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    from genedml_sd.pp import spot_grid
+
+    img = np.full((3, 1000, 1000), 200, dtype=np.uint8)
+    sdata = SpatialData(
+        images={"im": Image2DModel.parse(img, dims=("c", "y", "x"), transformations={"global": Identity()})}
+    )
+    set_pixel_size(sdata, "im", 8.0)
+    cpu = time.process_time()
+    grid = spot_grid(sdata, "im", shape="square", size_um=8, mask=None, inplace=False)
+    cpu = time.process_time() - cpu
+    assert len(grid) == 10**6
+    assert cpu < 20.0, cpu
+    np.testing.assert_allclose(grid.geometry.iloc[-1].bounds, (999.0, 999.0, 1000.0, 1000.0))  # global = px of 8 µm

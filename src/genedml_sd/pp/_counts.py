@@ -178,7 +178,7 @@ def check_raw_counts(
 
     Every stored value is checked (no sampling): sparse CSR / CSC matrices through their stored
     values (``.data``) only, dense arrays by blocks of rows, in chunks of
-    :data:`~genedml_sd.pp._counts.CHUNK` values, so time is O(nnz) and extra memory bounded by the
+    ``CHUNK`` values, so time is O(nnz) and extra memory bounded by the
     chunk size; a sparse matrix is never densified. Integer dtypes need no integer check.
 
     Parameters

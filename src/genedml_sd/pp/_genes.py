@@ -90,6 +90,11 @@ class _LogColumns:
     values); dense counts are normalised block by block from the table's own array.
     """
 
+    csc: Any
+    x: Any
+    cols: Any
+    scale: Any
+
     def __init__(self, x: Any, cols: np.ndarray, target_sum: float = TARGET_SUM):
         self.n_obs = x.shape[0]
         scale = _scale(library_sizes(x), target_sum)
@@ -280,7 +285,7 @@ def select_genes(
     Warns
     -----
     UserWarning
-        If the tables have fewer than :data:`MIN_SPOTS` spots in total.
+        If the tables have fewer than ``MIN_SPOTS`` (10) spots in total.
     """
     if isinstance(n_top, bool) or not isinstance(n_top, numbers.Integral) or n_top < 1:
         raise ValueError(f"The number of genes to select (n_top, genes=) must be a positive int, got {n_top!r}.")
