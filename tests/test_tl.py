@@ -56,7 +56,7 @@ def test_save_load_gives_identical_predictions(trained, demo, tmp_path):
     trained.save(tmp_path / "m")
     with pytest.raises(FileExistsError):
         trained.save(tmp_path / "m")
-    loaded = gd.tl.GeneDML.load(tmp_path / "m")
+    loaded = gd.tl.TrainedModel.load(tmp_path / "m")
     b = gd.tl.predict(c4, loaded, inplace=False)
     np.testing.assert_array_equal(a.X, b.X)
     assert loaded.genes == trained.genes and loaded.geometry == trained.geometry

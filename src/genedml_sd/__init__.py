@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ._settings import settings
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import datasets, encoders, io, model, pl, pp, tiling, tl
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     if name in _SUBMODULES:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from genedml_sd._spatial import ATTRS_KEY, image_levels, resolve_key, shared_coordinate_system, table_rows_for_shapes
+from genedml_sd._spatial import ATTRS_KEY, image_levels, resolve_key, shared_coordinate_system
 
 from ._training import _finish
 
@@ -29,6 +29,8 @@ def predicted_vs_observed(
     pred_key: str = "gd_predictions",
     table_key: str | None = None,
     image_key: str | None = None,
+    layer: str | None = None,
+    coordinate_system: str | None = None,
     ncols: int = 1,
     cmap: str = "viridis",
     percentiles: tuple[float, float] = (1.0, 99.0),
@@ -63,6 +65,11 @@ def predicted_vs_observed(
         prediction table.
     image_key
         Name of the H&E image; by default the one recorded in the prediction table, else the only image.
+    layer
+        Layer of the counts table holding raw counts (default ``X``).
+    coordinate_system
+        Coordinate system to draw in; by default ``"global"`` when the image and the spots share it, else
+        the first shared one (an error lists the shared systems when the given one is not).
     ncols
         Genes per figure row (each gene takes two panels and a colorbar).
     cmap
@@ -108,7 +115,7 @@ def predicted_vs_observed(
     if not 0 <= lo_pct < hi_pct <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}.")
 
-    data = _panel_data(sdata, genes, pred_key, table_key, image_key)
+    data = _panel_data(sdata, genes, pred_key, table_key, image_key, layer=layer, coordinate_system=coordinate_system)
     n = len(genes)
     nrows = math.ceil(n / ncols)
     ncols = min(ncols, n)
@@ -168,44 +175,30 @@ def predicted_vs_observed(
 
 
 def _panel_data(
-    sdata: SpatialData, genes: list[str], pred_key: str, table_key: str | None, image_key: str | None
+    sdata: SpatialData,
+    genes: list[str],
+    pred_key: str,
+    table_key: str | None,
+    image_key: str | None,
+    *,
+    layer: str | None = None,
+    coordinate_system: str | None = None,
 ) -> dict[str, Any]:
     """Observed and predicted values (spots in shapes order) and a shallow SpatialData to render them."""
     import spatialdata
     from anndata import AnnData
     from spatialdata.models import TableModel
 
-    from genedml_sd.pp import TARGET_SUM, normalized_expression
-    from genedml_sd.tl._evaluate import _observed_table
-    from genedml_sd.tl._metrics import per_gene_pearson
+    from genedml_sd.tl import observed_and_predicted, per_gene_pearson
 
     pred_key = resolve_key(sdata, "tables", pred_key, what="pred_key")
-    pred_table = sdata.tables[pred_key]
-    missing = [g for g in genes if g not in pred_table.var_names]
-    if missing:
-        raise KeyError(
-            f"Genes {missing} are not among the var_names of prediction table {pred_key!r} "
-            f"({pred_table.n_vars} genes, e.g. {list(pred_table.var_names[:5])})."
-        )
-    region = pred_table.uns.get("spatialdata_attrs", {}).get("region")
-    shapes_key = region if isinstance(region, str) else (list(region)[0] if region is not None else None)
-    if shapes_key is None or shapes_key not in sdata.shapes:
-        raise ValueError(f"Prediction table {pred_key!r} does not annotate a shapes element of this SpatialData.")
-    info = pred_table.uns.get(ATTRS_KEY, {})
+    paired = observed_and_predicted(sdata, pred_key=pred_key, table_key=table_key, genes=genes, layer=layer)
+    shapes_key, observed, predicted = paired.shapes_key, paired.observed, paired.predicted
+    info = sdata.tables[pred_key].uns.get(ATTRS_KEY, {})
     if image_key is None and info.get("image_key") in sdata.images:
         image_key = info["image_key"]
     image_key = resolve_key(sdata, "images", image_key)
-    table_key = _observed_table(sdata, shapes_key, pred_key, table_key)
-    if float(info.get("normalization", {}).get("target_sum", TARGET_SUM)) != TARGET_SUM:
-        raise ValueError(f"Prediction table {pred_key!r} was made with another normalisation target sum.")
-
     shapes = sdata.shapes[shapes_key]
-    obs_table = sdata.tables[table_key]
-    obs_rows = table_rows_for_shapes(obs_table, shapes, shapes_key, table_key)
-    pred_rows = table_rows_for_shapes(pred_table, shapes, shapes_key, pred_key)
-    observed = normalized_expression(obs_table[obs_rows], genes, table_key=table_key).astype(np.float64)
-    x = pred_table[pred_rows, genes].X
-    predicted = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
     pcc = per_gene_pearson(predicted, observed, genes)["pcc"].to_numpy()
 
     # two temporary tables keyed like the spots (same instance-id dtype as the shapes index)
@@ -237,7 +230,9 @@ def _panel_data(
         "sdata": plot_sdata,
         "image_key": image_key,
         "shapes_key": shapes_key,
-        "coordinate_system": shared_coordinate_system(sdata, shapes_key, image_key),
+        "coordinate_system": shared_coordinate_system(
+            sdata, shapes_key, image_key, coordinate_system=coordinate_system
+        ),
         "observed": observed,
         "predicted": predicted,
         "pcc": pcc,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -146,13 +146,13 @@ def _evaluation_scores(
         if figsize is None:
             figsize = (9.5, max(3.6, 0.28 * min(top, len(values)) + 1.2))
         axes = _new_figure(n_panels, figsize, (4.75, 3.6))
-    fig = axes[0].figure
+    fig = cast("Figure", axes[0].figure)
 
     # distribution: histogram over genes with a rug of one tick per gene
     dist = axes[0]
     v = values.to_numpy()
     bins = min(30, max(5, len(v) // 3))
-    counts, _, _ = dist.hist(v, bins=bins, color=color, alpha=0.6, edgecolor="white")
+    counts = np.asarray(dist.hist(v, bins=bins, color=color, alpha=0.6, edgecolor="white")[0])
     dist.plot(v, np.full(len(v), -0.04 * counts.max()), "|", color=color, ms=8, alpha=0.8)
     dist.set_ylim(-0.08 * counts.max(), None)
     dist.set_ylabel("genes")
@@ -212,7 +212,7 @@ def _cv_scores(
             figsize = (max(4.0, 1.2 + 1.3 * len(frames) * len(columns)), 3.8)
         axes = _new_figure(1, figsize, (5.0, 3.8))
     axis = axes[0]
-    fig = axis.figure
+    fig = cast("Figure", axis.figure)
     width = 0.8 / len(columns)
     rng = np.random.default_rng(0)
     slides_shown = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -156,7 +156,7 @@ def training_curves(
     created = axes is None
     if axes is None:
         axes = _new_figure(len(panels), figsize, (5.0, 3.6))
-    fig = axes[0].figure
+    fig = cast("Figure", axes[0].figure)
     best, best_key, best_value = _best_epoch(rows, epochs)
     marker = "o" if len(rows) <= 30 else None
 

@@ -1,21 +1,42 @@
-"""Tools: train Gene-DML (or a baseline) on SpatialData slides, predict expression on new ones, evaluate."""
+"""Tools: train Gene-DML (or another method) on SpatialData slides, predict expression on new ones, evaluate."""
 
 from ._cross_validate import cross_validate, leave_one_group_out
-from ._evaluate import Evaluation, evaluate, score_predictions
+from ._evaluate import Evaluation, PairedExpression, evaluate, observed_and_predicted, score_predictions
+from ._features import EncoderRef, FeatureSpec
 from ._fit import fit
+from ._methods import list_methods, register_method
 from ._metrics import per_gene_pearson
-from ._model import EncoderRef, GeneDML
+from ._model import TrainedModel
 from ._predict import predict
+
+
+def __getattr__(name: str):
+    if name == "GeneDML":  # renamed in 0.2: it is the trained object of every method, not the Gene-DML module
+        import warnings
+
+        warnings.warn(
+            "gd.tl.GeneDML was renamed gd.tl.TrainedModel (gd.model.GeneDML is the torch module).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return TrainedModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EncoderRef",
     "Evaluation",
-    "GeneDML",
+    "FeatureSpec",
+    "PairedExpression",
+    "TrainedModel",
     "cross_validate",
     "evaluate",
     "fit",
     "leave_one_group_out",
+    "list_methods",
+    "observed_and_predicted",
     "per_gene_pearson",
     "predict",
+    "register_method",
     "score_predictions",
 ]

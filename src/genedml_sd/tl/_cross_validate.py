@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ._data import as_list, resolve_slide_keys, slide_expression, slide_features, slide_info, slides_features
+from genedml_sd._docs import docs
+
+from ._data import as_list, resolve_slide_keys, slide_expression, slide_info
 from ._evaluate import N_TOP, score_predictions
+from ._features import FeatureSpec
 from ._fit import fit, resolve_encoder
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ def leave_one_group_out(groups: Sequence[str]) -> list[tuple[str, list[int], lis
     return out
 
 
+@docs
 def cross_validate(
     sdatas: Sequence[SpatialData],
     *,
@@ -51,6 +55,7 @@ def cross_validate(
     image_key: str | None = None,
     shapes_key: str | None = None,
     table_key: str | None = None,
+    layer: str | None = None,
     val_sections: int | Sequence[str] | None = "auto",
     n_top: int = N_TOP,
     seed: int = 0,
@@ -73,24 +78,20 @@ def cross_validate(
         Slides with image, spots and counts table.
     groups
         ``"patient"`` or ``"section"`` (from each slide's sample metadata) or one label per slide.
-    method, config
-        Method and its configuration (see :func:`genedml_sd.tl.fit`).
-    encoder, pretrained, weights, hf_token, geometry
-        Frozen encoder and tile geometry, shared by all folds.
+    %(method)s
+    %(encoder)s
     genes
         Genes per fold: a number (selected on that fold's training slides) or a fixed list.
-    image_key, shapes_key, table_key
-        Elements of each slide (inferred when unambiguous).
+    %(slide_keys)s
+    %(layer)s
     val_sections
         Validation hold-out within the training groups (see :func:`genedml_sd.tl.fit`).
     n_top
         Genes of PCC(H).
     seed, max_epochs
         Training seed and length.
-    cache_dir, num_workers
-        Feature cache location and tile-decoding workers.
-    feature_mode
-        ``"spot"`` (per-spot neighbour grids, the paper's) or ``"lattice"`` (see :func:`genedml_sd.tl.fit`).
+    %(extraction)s
+    %(feature_mode)s
     **fit_kwargs
         Further :func:`genedml_sd.tl.fit` arguments (``batch_size``, ``accelerator``, config fields...).
 
@@ -124,18 +125,22 @@ def cross_validate(
     from genedml_sd.tiling import TileGeometry
 
     geometry = geometry or TileGeometry()
-    enc, _ = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
-    extraction = {"cache_dir": cache_dir, "num_workers": num_workers, "mode": feature_mode}
+    enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+    # every method of every fold reads these cached features (neighbour grids included)
+    spec = FeatureSpec(ref, geometry, feature_mode, neighbours=True)
+    extraction: dict[str, Any] = {"cache_dir": cache_dir, "num_workers": num_workers}
     from genedml_sd.encoders import process_rank
 
     feature_seconds = {}
     if process_rank()[1] > 1:  # torchrun / srun: every process encodes a share of the slides
         t0 = time.perf_counter()
-        slides_features(slides, keys, enc, geometry, neighbours=True, extraction=extraction)
+        spec.extract_many(
+            [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)], enc, **extraction
+        )
         feature_seconds["all (sharded)"] = time.perf_counter() - t0
     for s, k, name in zip(slides, keys, names, strict=True):
         t0 = time.perf_counter()
-        slide_features(s, k, enc, geometry, neighbours=True, extraction=extraction)
+        spec.extract(s, enc, image_key=k.image_key, shapes_key=k.shapes_key, **extraction)
         feature_seconds[name] = time.perf_counter() - t0
 
     rows, per_slide = [], []
@@ -146,6 +151,7 @@ def cross_validate(
             image_key=image_key,
             shapes_key=shapes_key,
             table_key=table_key,
+            layer=layer,
             genes=genes,
             encoder=enc,
             pretrained=pretrained,
@@ -165,9 +171,9 @@ def cross_validate(
         fold_scores = []
         for i in test_idx:
             s, k = slides[i], keys[i]
-            feats = slide_features(s, k, enc, geometry, neighbours=model.uses_neighbours, extraction=extraction)
+            feats = model.features.extract(s, enc, image_key=k.image_key, shapes_key=k.shapes_key, **extraction)
             pred = model.predict_features(feats)
-            obs = slide_expression(s, k, model.genes)
+            obs = slide_expression(s, k, model.genes, layer=layer)
             ev = score_predictions(
                 pred, obs, model.genes, reference_ranking=model.training["gene_ranking"], n_top=n_top
             )

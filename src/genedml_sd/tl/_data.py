@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -9,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from genedml_sd._spatial import (
-    ATTRS_KEY,
-    check_circles,
+    check_observations,
+    infer_shapes_key,
     resolve_key,
+    sample_info,
     table_annotating,
     table_rows_for_shapes,
 )
@@ -21,8 +23,11 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from genedml_sd.encoders import FrozenEncoder
-    from genedml_sd.encoders._extract import SpotFeatures
-    from genedml_sd.tiling import TileGeometry
+    from genedml_sd.model import SlideTensors
+
+    from ._features import FeatureSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,21 +47,13 @@ def resolve_slide_keys(
     *,
     need_table: bool,
 ) -> SlideKeys:
-    """Resolve (or infer when unambiguous) the image, shapes and table of one slide."""
-    image_key = resolve_key(sdata, "images", image_key)
-    if shapes_key is None and table_key is not None:
-        from spatialdata.models import get_table_keys
+    """Resolve (or infer when unambiguous) the image, shapes and counts table of one slide.
 
-        region = get_table_keys(sdata.tables[resolve_key(sdata, "tables", table_key)])[0]
-        regions = [region] if isinstance(region, str) else list(region)
-        if len(regions) == 1 and regions[0] in sdata.shapes:
-            shapes_key = regions[0]
-    if shapes_key is None:
-        circles = [k for k, v in sdata.shapes.items() if "radius" in v.columns]
-        if len(circles) == 1:
-            shapes_key = circles[0]
-    shapes_key = resolve_key(sdata, "shapes", shapes_key)
-    check_circles(sdata[shapes_key], shapes_key)
+    Tables written by :func:`genedml_sd.tl.predict` are never taken as counts.
+    """
+    image_key = resolve_key(sdata, "images", image_key)
+    shapes_key = infer_shapes_key(sdata, shapes_key, table_key)
+    check_observations(sdata[shapes_key], shapes_key)
     if need_table:
         table_key = table_annotating(sdata, shapes_key, table_key)
     elif table_key is not None:
@@ -64,85 +61,76 @@ def resolve_slide_keys(
     return SlideKeys(image_key, shapes_key, table_key)
 
 
-def slide_expression(sdata: SpatialData, keys: SlideKeys, genes: Sequence[str]) -> np.ndarray:
-    """Log-normalised expression of ``genes`` for the spots of ``keys.shapes_key``, in shapes order."""
+def slide_expression(
+    sdata: SpatialData, keys: SlideKeys, genes: Sequence[str], *, layer: str | None = None
+) -> np.ndarray:
+    """Log-normalised expression of ``genes`` for the spots of ``keys.shapes_key``, in shapes order, (n_spots, G)."""
+    if keys.table_key is None:
+        raise ValueError(f"No counts table was resolved for {keys.shapes_key!r}.")
     table = sdata.tables[keys.table_key]
     rows = table_rows_for_shapes(table, sdata[keys.shapes_key], keys.shapes_key, keys.table_key)
     sub = table[rows]
-    return normalized_expression(sub, genes, table_key=keys.table_key)
+    return normalized_expression(sub, genes, table_key=keys.table_key, layer=layer, slide=keys.shapes_key)
 
 
 def slide_info(sdata: SpatialData, keys: SlideKeys) -> dict[str, Any]:
-    """Sample metadata (patient, section, ...) of a slide, from its table, with fallbacks."""
-    info: dict[str, Any] = {}
-    if keys.table_key is not None:
-        table = sdata.tables[keys.table_key]
-        info.update(table.uns.get(ATTRS_KEY, {}))
-        for col in ("patient", "section", "sample"):
-            if col not in info and col in table.obs and table.obs[col].nunique() == 1:
-                info[col] = str(table.obs[col].iloc[0])
-    info.setdefault("section", keys.shapes_key)
-    info.setdefault("patient", info["section"])
-    return info
+    """Sample metadata (patient, section, ...) of a slide, from its counts table, with fallbacks."""
+    return sample_info(sdata, keys.shapes_key, keys.table_key)
 
 
-def shapes_sample_info(sdata: SpatialData, keys: SlideKeys, exclude: Sequence[str] = ()) -> dict[str, Any]:
-    """Sample metadata for a slide without a chosen table: from the first table annotating the spots."""
-    for name, table in sdata.tables.items():
-        if name in exclude:
-            continue
-        region = table.uns.get("spatialdata_attrs", {}).get("region")
-        regions = [region] if isinstance(region, str) else list(region or [])
-        if keys.shapes_key in regions:
-            return slide_info(sdata, SlideKeys(keys.image_key, keys.shapes_key, name))
-    return slide_info(sdata, keys)
-
-
-def slide_features(
-    sdata: SpatialData,
-    keys: SlideKeys,
-    encoder: FrozenEncoder,
-    geometry: TileGeometry,
-    *,
-    neighbours: bool,
-    extraction: dict[str, Any],
-) -> SpotFeatures:
-    """Cached frozen-encoder features of a slide (see :func:`genedml_sd.encoders.extract_features`)."""
-    from genedml_sd.encoders import extract_features
-
-    return extract_features(
-        sdata,
-        encoder,
-        image_key=keys.image_key,
-        shapes_key=keys.shapes_key,
-        geometry=geometry,
-        neighbours=neighbours,
-        **extraction,
-    )
-
-
-def slides_features(
+def slide_tensors(
     slides: Sequence[SpatialData],
     keys: Sequence[SlideKeys],
+    spec: FeatureSpec,
     encoder: FrozenEncoder,
-    geometry: TileGeometry,
     *,
-    neighbours: bool,
-    extraction: dict[str, Any],
-) -> list[SpotFeatures]:
-    """Cached features of several slides; in a multi-process launch each process encodes a share.
+    genes: Sequence[str] | None,
+    names: Sequence[str],
+    layer: str | None = None,
+    extraction: dict[str, Any] | None = None,
+) -> list[SlideTensors]:
+    """The model layer's input for a list of slides: cached features, µm coordinates and (optionally) targets.
 
-    See :func:`genedml_sd.encoders.extract_features_sharded`.
+    Parameters
+    ----------
+    slides, keys
+        The slides and their elements.
+    spec
+        How features are made (encoder, geometry, mode, whether neighbour grids are read).
+    encoder
+        The loaded frozen encoder of ``spec``.
+    genes
+        Target genes (log-normalised expression of each slide's counts table), or ``None`` for features only.
+    names
+        Slide names (for logs and errors).
+    layer
+        Layer of the counts tables holding raw counts (default ``X``).
+    extraction
+        ``cache_dir``, ``num_workers``, ``device`` of the feature extraction.
+
+    Returns
+    -------
+    One :class:`~genedml_sd.model.SlideTensors` per slide: ``local`` (N, D), ``neighbour`` (N, T, D) or
+    ``None``, ``coords`` (N, 2) in µm, ``expr`` (N, G) or ``None``.
     """
-    from genedml_sd.encoders import extract_features_sharded
+    from genedml_sd.model import SlideTensors
 
-    return extract_features_sharded(
-        [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
-        encoder,
-        geometry=geometry,
-        neighbours=neighbours,
-        **extraction,
+    feats = spec.extract_many(
+        [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)], encoder, **(extraction or {})
     )
+    out = []
+    for s, k, f, name in zip(slides, keys, feats, names, strict=True):
+        expr = None if genes is None else slide_expression(s, k, genes, layer=layer)
+        out.append(
+            SlideTensors.from_numpy(
+                local=f.local,
+                neighbour=f.neighbour if spec.neighbours else None,
+                coords=f.coords_um,
+                expr=expr,
+                name=str(name),
+            )
+        )
+    return out
 
 
 def as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:

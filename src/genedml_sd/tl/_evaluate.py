@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from genedml_sd._spatial import ATTRS_KEY, resolve_key, table_rows_for_shapes
+from genedml_sd._spatial import ATTRS_KEY, aligned_tables
 from genedml_sd.pp import TARGET_SUM, normalized_expression
 
 from ._metrics import per_gene_pearson
@@ -22,7 +22,7 @@ N_TOP = 50
 
 @dataclass
 class Evaluation:
-    """Result of :func:`evaluate`.
+    """Result of :func:`~genedml_sd.tl.evaluate`.
 
     Attributes
     ----------
@@ -105,11 +105,84 @@ def score_predictions(
     return Evaluation(per_gene, summary)
 
 
+@dataclass(frozen=True)
+class PairedExpression:
+    """Observed and predicted log-normalised expression of the same observations, row by row.
+
+    Attributes
+    ----------
+    observed, predicted
+        (n_obs, n_genes) float64, observations in the order of the shapes element.
+    genes
+        Gene names, n_genes.
+    shapes_key, pred_key, table_key
+        The observations element, the prediction table and the counts table.
+    """
+
+    observed: np.ndarray
+    predicted: np.ndarray
+    genes: list[str]
+    shapes_key: str
+    pred_key: str
+    table_key: str
+
+
+def observed_and_predicted(
+    sdata: SpatialData,
+    *,
+    pred_key: str = "gd_predictions",
+    table_key: str | None = None,
+    genes: Sequence[str] | None = None,
+    layer: str | None = None,
+) -> PairedExpression:
+    """Align a prediction table with the observed counts of the same spots, log-normalised as in training.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData holding the prediction table and a counts table annotating the same spots.
+    pred_key
+        Name of the prediction table (from :func:`genedml_sd.tl.predict`).
+    table_key
+        Name of the counts table; inferred as the one counts table annotating the same spots.
+    genes
+        Genes to return (default: every predicted gene); each must be predicted and measured.
+    layer
+        Layer of the counts table holding raw counts (default ``X``).
+
+    Returns
+    -------
+    Observed and predicted (n_obs, n_genes) arrays in shapes order, with the names of the elements used.
+    """
+    aligned = aligned_tables(sdata, pred_key, table_key)
+    pred_table = sdata.tables[pred_key]
+    info = pred_table.uns.get(ATTRS_KEY, {})
+    if float(info.get("normalization", {}).get("target_sum", TARGET_SUM)) != TARGET_SUM:
+        raise ValueError(f"Prediction table {pred_key!r} was made with another normalisation target sum.")
+    genes = list(pred_table.var_names) if genes is None else [str(g) for g in genes]
+    missing = [g for g in genes if g not in pred_table.var_names]
+    if missing:
+        raise KeyError(
+            f"Genes {missing} are not among the var_names of prediction table {pred_key!r} "
+            f"({pred_table.n_vars} genes, e.g. {list(pred_table.var_names[:5])})."
+        )
+    obs_table = sdata.tables[aligned.table_key]
+    observed = normalized_expression(
+        obs_table[aligned.obs_rows], genes, table_key=aligned.table_key, layer=layer, slide=aligned.shapes_key
+    )
+    x = pred_table[aligned.pred_rows, genes].X
+    predicted = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    return PairedExpression(
+        np.asarray(observed, dtype=np.float64), predicted, genes, aligned.shapes_key, pred_key, aligned.table_key
+    )
+
+
 def evaluate(
     sdata: SpatialData,
     *,
     pred_key: str = "gd_predictions",
     table_key: str | None = None,
+    layer: str | None = None,
     reference_ranking: Sequence[str] | None = None,
     n_top: int = N_TOP,
     inplace: bool = True,
@@ -128,6 +201,8 @@ def evaluate(
     table_key
         Name of the counts table; inferred as the one table annotating the same spots that is not a
         prediction table.
+    layer
+        Layer of the counts table holding raw counts (default ``X``).
     reference_ranking
         Genes ranked on training data (best first) for the leak-free PCC(H); by default the ranking
         the model stored when it was trained (PCC on its validation sections), found in the
@@ -141,25 +216,10 @@ def evaluate(
     -------
     The per-gene metrics and the summary (see :class:`Evaluation`).
     """
-    pred_key = resolve_key(sdata, "tables", pred_key)
+    paired = observed_and_predicted(sdata, pred_key=pred_key, table_key=table_key, layer=layer)
+    table_key, genes, obs, pred = paired.table_key, paired.genes, paired.observed, paired.predicted
     pred_table = sdata.tables[pred_key]
-    attrs = pred_table.uns.get("spatialdata_attrs", {})
-    region = attrs.get("region")
-    shapes_key = region if isinstance(region, str) else (list(region)[0] if region is not None else None)
-    if shapes_key is None or shapes_key not in sdata.shapes:
-        raise ValueError(f"Prediction table {pred_key!r} does not annotate a shapes element of this SpatialData.")
-    table_key = _observed_table(sdata, shapes_key, pred_key, table_key)
-    shapes = sdata[shapes_key]
-    genes = list(pred_table.var_names)
-    obs_table = sdata.tables[table_key]
-    obs_rows = table_rows_for_shapes(obs_table, shapes, shapes_key, table_key)
-    pred_rows = table_rows_for_shapes(pred_table, shapes, shapes_key, pred_key)
     info = pred_table.uns.get(ATTRS_KEY, {})
-    if float(info.get("normalization", {}).get("target_sum", TARGET_SUM)) != TARGET_SUM:
-        raise ValueError(f"Prediction table {pred_key!r} was made with another normalisation target sum.")
-    obs = normalized_expression(obs_table[obs_rows], genes, table_key=table_key)
-    x = pred_table.X[pred_rows]
-    pred = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
     if reference_ranking is None:
         reference_ranking = info.get("gene_ranking")
     result = score_predictions(pred, obs, genes, reference_ranking=reference_ranking, n_top=n_top)
@@ -172,21 +232,3 @@ def evaluate(
         }
         pred_table.uns[ATTRS_KEY] = store
     return result
-
-
-def _observed_table(sdata: SpatialData, shapes_key: str, pred_key: str, table_key: str | None) -> str:
-    if table_key is not None:
-        return resolve_key(sdata, "tables", table_key)
-    candidates = []
-    for name, table in sdata.tables.items():
-        if name == pred_key or "method" in table.uns.get(ATTRS_KEY, {}):
-            continue  # another prediction table
-        region = table.uns.get("spatialdata_attrs", {}).get("region")
-        regions = [region] if isinstance(region, str) else list(region or [])
-        if shapes_key in regions:
-            candidates.append(name)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise KeyError(f"No counts table annotates {shapes_key!r} besides {pred_key!r}; tables: {list(sdata.tables)}.")
-    raise KeyError(f"Several counts tables annotate {shapes_key!r}: {candidates}. Pass table_key=... .")

@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from genedml_sd._docs import docs
+from genedml_sd._settings import settings
 from genedml_sd.pp import TARGET_SUM, select_genes
 from genedml_sd.tiling import TileGeometry
 
-from ._data import as_list, resolve_slide_keys, slide_expression, slide_info, slides_features
-from ._model import EncoderRef, GeneDML
+from ._data import as_list, resolve_slide_keys, slide_info, slide_tensors
+from ._features import EncoderRef, FeatureSpec
+from ._model import TrainedModel
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -58,12 +61,14 @@ def _split_validation(infos: list[dict], val_sections: int | Sequence[str] | Non
     return [names.index(v) for v in val_sections]
 
 
+@docs
 def fit(
     sdata: SpatialData | Sequence[SpatialData],
     *,
     image_key: str | None = None,
     shapes_key: str | None = None,
     table_key: str | None = None,
+    layer: str | None = None,
     genes: int | Sequence[str] = 250,
     encoder: str | FrozenEncoder = "uni",
     method: str = "gene-dml",
@@ -86,131 +91,76 @@ def fit(
     extraction_device: str | None = None,
     feature_mode: str = "spot",
     checkpoint_dir: str | None = None,
+    resume: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
     **config_overrides: Any,
-) -> GeneDML:
-    """Train a Gene-DML model on slides with H&E, spots and a counts table.
+) -> TrainedModel:
+    """Train Gene-DML (or another registered method) on slides with H&E, spots and a counts table.
 
     Frozen-encoder features of every spot (local tile and 5x5 neighbour grid) are computed once and
-    cached; then the trainable model (per-scale projections, neighbour attention, slide-level
-    transformer, scale fusion, gene encoder, prediction head) is trained with the multi-scale
-    instance, cross-level instance-group and MSE losses.
+    cached; then the trainable model (for Gene-DML: per-scale projections, neighbour attention,
+    slide-level transformer, scale fusion, gene encoder, prediction head) is trained with the
+    method's losses (Gene-DML: multi-scale instance, cross-level instance-group and MSE).
+    Training shows an epoch bar when ``gd.settings.progress`` is on.
 
     Parameters
     ----------
     sdata
         One SpatialData per slide (a list), or one slide.
-    image_key, shapes_key, table_key
-        Elements to use in each slide; inferred when unambiguous (an error lists the candidates).
-    genes
-        Number of highly variable genes to select on the training slides (genes detected in
-        >= 10 % of spots, ranked by variance of log-normalised expression), or an explicit list.
-    encoder
-        Frozen encoder name (see :func:`genedml_sd.encoders.list_encoders`; ``"uni"`` is the paper's,
-        ``"stain-texture"`` works offline) or a loaded :class:`~genedml_sd.encoders.FrozenEncoder`.
-    method
-        ``"gene-dml"`` (default), the second seed system ``"nh2st"``, or a baseline on the same
-        features: ``"ridge"`` (PCA-256 + ridge), ``"mlp"`` (ST-Net-like head), ``"bleep"``
-        (contrastive retrieval). See :data:`genedml_sd.model.METHODS`.
-    pretrained
-        ``False`` uses a random-init encoder (for tests and speed benchmarks only).
-    weights
-        Local weights file for the encoder.
-    hf_token
-        Hugging Face token for gated encoders (else ``HF_TOKEN``).
-    geometry
-        Tile geometry; default 112 µm / 224 px tiles and a 5x5 neighbour grid.
-    config
-        Model configuration. For Gene-DML: a preset name (``"full"``, ``"no-multiscale"``, ``"no-group"``,
-        ``"contrastive-only"``, ``"no-instance"``, ``"mse-only"``: the paper's ablations), a dict, or a
-        :class:`~genedml_sd.model.GeneDMLConfig`. For other methods: ``"default"``, a dict or their config.
-    max_epochs
-        Maximum training epochs.
-    batch_size
-        Spots per training batch (256 in the paper).
-    val_sections
-        Training slides held out for early stopping and model selection: ``"auto"`` holds out one
-        slide when there are at least three, an int holds out that many (chosen with ``seed``), a
-        list names them, ``None`` or ``0`` trains without validation (fixed ``max_epochs``).
-    patience
-        Early-stopping patience in epochs (on validation PCC).
-    seed
-        Seed for the split, the weights and the batches.
-    accelerator, devices, strategy, precision
-        Passed to :class:`lightning.pytorch.Trainer` (``devices=2, strategy="ddp"`` for two GPUs;
-        ``precision=None`` picks bf16 mixed precision on GPUs that support it, fp32 otherwise).
-    cache_dir
-        Feature cache location (default ``gd.settings.cache_dir / "features"``).
-    num_workers
-        Tile-decoding worker processes for feature extraction.
+    %(slide_keys)s
+    %(layer)s
+    %(genes)s
+    %(encoder)s
+    %(method)s
+    %(training)s
+    %(extraction)s
     extraction_device
         Device for the frozen encoder (default: CUDA when available).
-    feature_mode
-        ``"spot"`` encodes every spot's 5x5 neighbour grid (the paper's, 25 encoder calls per spot);
-        ``"lattice"`` encodes a 112 µm lattice over the tissue once and gathers each spot's neighbour
-        tokens from it (about 5 calls per spot on a 200 µm lattice; tokens shifted by at most 79 µm).
-        Predictions use the same mode.
-    checkpoint_dir
-        Where Lightning writes checkpoints (best validation PCC) when validating.
-    trainer_kwargs
-        Further :class:`lightning.pytorch.Trainer` arguments, e.g. ``{"num_nodes": 2}`` for a
-        multi-node SLURM job (see the installation page). Under ``torchrun`` or ``srun`` each process
-        encodes a share of the slides (:func:`~genedml_sd.encoders.extract_features_sharded`).
+    %(feature_mode)s
     **config_overrides
-        Fields of :class:`~genedml_sd.model.GeneDMLConfig` to override, e.g. ``k=25, lam=0.5``.
+        Fields of the method's config to override, e.g. ``k=25, lam=0.5`` for Gene-DML.
 
     Returns
     -------
-    The trained model.
+    The trained model (:class:`~genedml_sd.tl.TrainedModel`).
     """
-    from genedml_sd.model import SlideTensors
-    from genedml_sd.model._methods import get_method
+    from genedml_sd.model import TrainArgs, get_method, train_method
 
-    config_cls, _, train_fn = get_method(method)
-
+    spec = get_method(method)
     slides = as_list(sdata)
     geometry = geometry or TileGeometry()
     keys = [resolve_slide_keys(s, image_key, shapes_key, table_key, need_table=True) for s in slides]
     infos = [slide_info(s, k) for s, k in zip(slides, keys, strict=True)]
+    names = [str(i["section"]) for i in infos]
     tables = [s.tables[k.table_key] for s, k in zip(slides, keys, strict=True)]
 
-    if isinstance(genes, int | np.integer):
-        gene_list = select_genes(tables, int(genes))
+    if isinstance(genes, int | np.integer) and not isinstance(genes, bool):
+        gene_list = select_genes(
+            tables, int(genes), layer=layer, table_keys=[str(k.table_key) for k in keys], slides=names
+        )
     else:
+        if isinstance(genes, str | bool):
+            raise TypeError(f"genes must be a number or a list of gene names, got {genes!r}.")
         gene_list = [str(g) for g in genes]
         if len(set(gene_list)) != len(gene_list):
             raise ValueError("genes contains duplicates.")
-    exprs = [slide_expression(s, k, gene_list) for s, k in zip(slides, keys, strict=True)]
 
     enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
-    cfg = _build_config(config_cls, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
-    if feature_mode not in ("spot", "lattice"):
-        raise ValueError(f"feature_mode must be 'spot' or 'lattice', got {feature_mode!r}.")
-    extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir, "mode": feature_mode}
-    feats = slides_features(slides, keys, enc, geometry, neighbours=cfg.use_neighbour, extraction=extraction)
-    tensors = [
-        SlideTensors.from_numpy(
-            local=f.local,
-            neighbour=f.neighbour if cfg.use_neighbour else None,
-            coords=f.coords_um,
-            expr=e,
-            name=str(i["section"]),
-        )
-        for f, e, i in zip(feats, exprs, infos, strict=True)
-    ]
+    cfg = _build_config(spec.config, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
+    features = FeatureSpec(ref, geometry, feature_mode, neighbours=bool(getattr(cfg, "use_neighbour", False)))
+    extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir}
+    tensors = slide_tensors(
+        slides, keys, features, enc, genes=gene_list, names=names, layer=layer, extraction=extraction
+    )
 
     if val_sections == "auto":
         val_sections = 1 if len(slides) >= 3 else None
     val_idx = _split_validation(infos, val_sections, seed)
     train = [t for i, t in enumerate(tensors) if i not in val_idx]
     val = [tensors[i] for i in val_idx] or None
-    logger.info("Training on %s, validating on %s", [t.name for t in train], [t.name for t in val or []])
+    logger.info("Training %s on %s, validating on %s", method, [t.name for t in train], [t.name for t in val or []])
 
-    t0 = time.perf_counter()
-    lit = train_fn(
-        train,
-        val,
-        cfg,
+    args = TrainArgs(
         max_epochs=max_epochs,
         batch_size=batch_size,
         seed=seed,
@@ -220,39 +170,43 @@ def fit(
         precision=precision,
         patience=patience,
         checkpoint_dir=checkpoint_dir,
+        progress=bool(settings.progress),
+        resume=resume,
         trainer_kwargs=trainer_kwargs,
     )
+    t0 = time.perf_counter()
+    result = train_method(spec, train, val, cfg, args)
     seconds = time.perf_counter() - t0
-    module = lit.model.cpu().eval()
-    cfg = getattr(lit, "config", cfg)
-    ranking = _gene_ranking(module, val or train, gene_list)
-    ranking_source = "validation sections" if val else "training sections (in-sample)"
+    module = result.module.cpu().eval()
+    cfg = result.config
+    ranking, scores = _gene_ranking(module, val or train, gene_list)
     training = {
-        "sections": [str(i["section"]) for i in infos],
+        "sections": names,
         "patients": sorted({str(i["patient"]) for i in infos}),
-        "validation_sections": [str(infos[i]["section"]) for i in val_idx],
-        "epochs": len(lit.history),
+        "validation_sections": [names[i] for i in val_idx],
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
         "seconds": seconds,
         "seed": seed,
         "accelerator": accelerator,
         "gene_ranking": ranking,
-        "feature_mode": feature_mode,
-        "gene_ranking_source": ranking_source,
+        "gene_ranking_pcc": scores,
+        "gene_ranking_source": "validation sections" if val else "training sections (in-sample)",
+        "layer": layer,
     }
-    return GeneDML(
+    return TrainedModel(
         module=module,
         config=cfg,
         genes=gene_list,
-        encoder=ref,
-        geometry=geometry,
+        features=features,
         normalization={"target_sum": TARGET_SUM, "log1p": True},
-        history=list(lit.history),
+        history=list(result.history),
         training=training,
-        method=method,
+        method=spec.name,
     )
 
 
-def _build_config(config_cls: type, config: Any, overrides: dict[str, Any], *, enc_dim: int, n_genes: int):
+def _build_config(config_cls: Any, config: Any, overrides: dict[str, Any], *, enc_dim: int, n_genes: int) -> Any:
     """The method's config from a preset name / dict / config object, with overrides and data sizes."""
     sizes = {"enc_dim": int(enc_dim), "n_genes": int(n_genes)}
     if isinstance(config, str):
@@ -278,8 +232,8 @@ def _build_config(config_cls: type, config: Any, overrides: dict[str, Any], *, e
     return cfg
 
 
-def _gene_ranking(module: Any, slides: Sequence[Any], genes: list[str]) -> list[str]:
-    """Genes ranked by PCC on training data only (validation slides if any, else the training slides).
+def _gene_ranking(module: Any, slides: Sequence[Any], genes: list[str]) -> tuple[list[str], dict[str, float | None]]:
+    """Genes ranked by PCC on training data only (validation slides if any, else the training slides), with the PCCs.
 
     This is what the leak-free PCC(H) of :func:`genedml_sd.tl.evaluate` uses to pick its top genes,
     so no test data enters the choice.
@@ -297,4 +251,5 @@ def _gene_ranking(module: Any, slides: Sequence[Any], genes: list[str]) -> list[
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(np.vstack(pcc), axis=0) if pcc else np.zeros(len(genes))
     order = np.argsort(-np.nan_to_num(mean, nan=-np.inf), kind="stable")
-    return [genes[i] for i in order]
+    scores = {genes[i]: (None if np.isnan(mean[i]) else float(mean[i])) for i in order}
+    return [genes[i] for i in order], scores

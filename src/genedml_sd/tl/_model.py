@@ -1,8 +1,12 @@
-"""The user-facing model object: trained weights + everything needed to predict on new slides."""
+"""The user-facing trained model: weights + everything needed to predict on new slides, saved as a folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import warnings
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -12,55 +16,22 @@ import numpy as np
 
 from genedml_sd.tiling import TileGeometry
 
+from ._features import EncoderRef, FeatureSpec
+
 if TYPE_CHECKING:
-    from genedml_sd.encoders import FrozenEncoder
-    from genedml_sd.encoders._extract import SpotFeatures
+    from genedml_sd.encoders import SpotFeatures
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 META_FILE = "genedml.json"
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class EncoderRef:
-    """How to rebuild the frozen encoder a model was trained on.
-
-    Attributes
-    ----------
-    name
-        Registry name (see :func:`genedml_sd.encoders.list_encoders`).
-    pretrained
-        ``False`` for a random-init encoder (tests, benchmarks).
-    weights
-        Path of a local weights file, if one was used.
-    fingerprint
-        The encoder's fingerprint (name + weights identity); predictions require features with the
-        same fingerprint.
-    embed_dim
-        Feature width D.
-    """
-
-    name: str
-    pretrained: bool
-    weights: str | None
-    fingerprint: str
-    embed_dim: int
-
-    @classmethod
-    def of(cls, encoder: FrozenEncoder, *, pretrained: bool, weights: str | None) -> EncoderRef:
-        """Reference of a loaded encoder."""
-        return cls(encoder.name, bool(pretrained), weights, encoder.fingerprint, int(encoder.embed_dim))
-
-    def load(self, **kwargs: Any) -> FrozenEncoder:
-        """Load the encoder again (``kwargs`` such as ``hf_token`` go to :func:`~genedml_sd.encoders.load_encoder`)."""
-        from genedml_sd.encoders import load_encoder
-
-        return load_encoder(self.name, pretrained=self.pretrained, weights=self.weights, **kwargs)
+FORMAT_VERSION = 2
+"""Version 2 stores the feature spec, the package version and the weights' checksum; version 1 still loads."""
 
 
 @dataclass
-class GeneDML:
-    """A trained Gene-DML model with its gene list, normalisation, encoder and tile geometry.
+class TrainedModel:
+    """A trained model (Gene-DML, NH2ST or a baseline) with its genes, normalisation and feature spec.
 
     Returned by :func:`genedml_sd.tl.fit`; pass it to :func:`genedml_sd.tl.predict`. Save it with
     :meth:`save` and restore it with :meth:`load`.
@@ -68,37 +39,47 @@ class GeneDML:
     Attributes
     ----------
     module
-        The trained :class:`genedml_sd.model.GeneDML` torch module (on CPU, eval mode).
+        The trained torch module of the method (e.g. :class:`genedml_sd.model.GeneDML`; CPU, eval mode).
     config
-        The model configuration (:class:`genedml_sd.model.GeneDMLConfig`).
+        The method's configuration (e.g. :class:`genedml_sd.model.GeneDMLConfig`).
     genes
         Predicted genes, in output order.
-    encoder
-        Reference to the frozen encoder whose features the model reads.
-    geometry
-        Tile geometry (µm, px) used for the features.
+    features
+        Which frozen-encoder features the model reads and how they are made
+        (:class:`~genedml_sd.tl.FeatureSpec`: encoder, tile geometry in µm / px, feature mode).
     normalization
         How expression targets were computed (``{"target_sum": ..., "log1p": True}``).
     history
         Per-epoch training losses and validation metrics.
     training
-        Training provenance: sections, patients, validation sections, epochs, seconds, device.
+        Training provenance: sections, patients, validation sections, epochs, seconds, device, gene ranking.
+    method
+        Name of the method in the registry (:func:`genedml_sd.tl.list_methods`).
     """
 
     module: Any
     config: Any
     genes: list[str]
-    encoder: EncoderRef
-    geometry: TileGeometry
+    features: FeatureSpec
     normalization: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     method: str = "gene-dml"
 
     @property
+    def encoder(self) -> EncoderRef:
+        """The frozen encoder of :attr:`features`."""
+        return self.features.encoder
+
+    @property
+    def geometry(self) -> TileGeometry:
+        """The tile geometry of :attr:`features`."""
+        return self.features.geometry
+
+    @property
     def uses_neighbours(self) -> bool:
         """Whether the model reads neighbour-tile features."""
-        return bool(self.config.use_neighbour)
+        return bool(self.features.neighbours)
 
     def predict_features(
         self, features: SpotFeatures, *, batch_size: int = 1024, device: str | None = None
@@ -130,65 +111,155 @@ class GeneDML:
 
     # ------------------------------------------------------------------------------------------ io
     def save(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
-        """Write the model to a folder (``model.pt`` with the weights, ``genedml.json`` with the rest)."""
+        """Write the model to a folder: ``model.pt`` (weights) and ``genedml.json`` (everything else).
+
+        ``genedml.json`` records the package version and the SHA-256 of ``model.pt``, checked by :meth:`load`.
+        Both files are written to temporary names first and renamed, so an interrupted save never leaves a
+        half-written model under the final names.
+        """
         import torch
 
+        from genedml_sd import __version__
+
         folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} exists and is not a folder.")
         if folder.exists() and any(folder.iterdir()) and not overwrite:
             raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it.")
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.module.state_dict(), folder / MODEL_FILE)
+        tmp_weights = folder / f".{MODEL_FILE}.{os.getpid()}.tmp"
+        torch.save(self.module.state_dict(), tmp_weights)
         meta = {
             "format": FORMAT_VERSION,
+            "genedml_sd_version": __version__,
             "method": self.method,
             "config": self.config.to_dict(),
             "genes": list(self.genes),
-            "encoder": self.encoder.__dict__,
-            "geometry": self.geometry.to_dict(),
+            "features": self.features.to_dict(),
+            "weights_sha256": _sha256(tmp_weights),
             "normalization": self.normalization,
             "history": self.history,
             "training": self.training,
         }
-        (folder / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+        tmp_meta = folder / f".{META_FILE}.{os.getpid()}.tmp"
+        tmp_meta.write_text(json.dumps(meta, indent=1, default=_json_default))
+        os.replace(tmp_weights, folder / MODEL_FILE)
+        os.replace(tmp_meta, folder / META_FILE)
         return folder
 
     @classmethod
-    def load(cls, path: str | PathLike) -> GeneDML:
-        """Read a model written by :meth:`save`."""
+    def load(cls, path: str | PathLike) -> TrainedModel:
+        """Read a model written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the folder has no ``genedml.json`` or ``model.pt``.
+        ValueError
+            If a file is truncated or corrupted (invalid JSON, weights that do not match the recorded
+            checksum or cannot be read), the gene list does not match the prediction head's width, or the
+            weights do not fit the recorded configuration.
+        KeyError
+            If the method is not registered (a method of another package: import it first).
+        """
         import torch
 
-        from genedml_sd.model._methods import get_method
+        from genedml_sd.model import get_method
 
         folder = Path(path)
-        meta_file = folder / META_FILE
+        meta_file, weights_file = folder / META_FILE, folder / MODEL_FILE
         if not meta_file.exists():
             raise FileNotFoundError(f"{folder} is not a saved genedml-sd model (no {META_FILE}).")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != FORMAT_VERSION:
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{meta_file} is not valid JSON (truncated or corrupted?): {err}.") from err
+        if meta.get("format") not in (1, FORMAT_VERSION):
             raise ValueError(f"{folder} has model format {meta.get('format')}, expected {FORMAT_VERSION}.")
-        config_cls, module_cls, _ = get_method(meta.get("method", "gene-dml"))
-        config = config_cls.from_dict(meta["config"])
-        module = module_cls(config)
-        module.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+        _check_version(meta.get("genedml_sd_version"), meta_file)
+        if not weights_file.exists():
+            raise FileNotFoundError(f"{folder} has {META_FILE} but no {MODEL_FILE} (the weights).")
+        expected = meta.get("weights_sha256")
+        if expected is not None and _sha256(weights_file) != expected:
+            raise ValueError(
+                f"{weights_file} does not match the checksum recorded in {META_FILE} (truncated, or replaced "
+                "after saving); save the model again."
+            )
+        method = meta.get("method", "gene-dml")
+        spec = get_method(method)
+        config = spec.config.from_dict(meta["config"])
+        genes = [str(g) for g in meta["genes"]]
+        n_genes = getattr(config, "n_genes", None)
+        if n_genes is not None and int(n_genes) != len(genes):
+            raise ValueError(
+                f"{meta_file} lists {len(genes)} genes but the model's prediction head has width {n_genes}."
+            )
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"Cannot read the weights {weights_file} (truncated or corrupted?): {err}") from err
+        module = spec.module(config)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"The weights in {weights_file} do not fit the configuration in {META_FILE}: {err}"
+            ) from err
         module.eval()
         return cls(
             module=module,
             config=config,
-            genes=list(meta["genes"]),
-            encoder=EncoderRef(**meta["encoder"]),
-            geometry=TileGeometry.from_dict(meta["geometry"]),
+            genes=genes,
+            features=_features_of(meta),
             normalization=meta["normalization"],
             history=meta.get("history", []),
             training=meta.get("training", {}),
-            method=meta.get("method", "gene-dml"),
+            method=method,
         )
 
     def __repr__(self) -> str:
-        scales = [s for s in ("local", "neighbour", "global") if getattr(self.config, f"use_{s}", False)]
+        scales = list(getattr(self.config, "scales", ()))
         return (
-            f"GeneDML(method={self.method!r}, {len(self.genes)} genes, encoder={self.encoder.name!r}, scales={scales}, "
-            f"tiles={self.geometry.key()}, trained on {self.training.get('sections', '?')})"
+            f"TrainedModel(method={self.method!r}, {len(self.genes)} genes, encoder={self.encoder.name!r}, "
+            f"scales={scales}, features={self.features.mode!r}, tiles={self.geometry.key()}, "
+            f"trained on {self.training.get('sections', '?')})"
         )
+
+
+def _features_of(meta: dict[str, Any]) -> FeatureSpec:
+    """The feature spec of a saved model (format 2), or rebuilt from the fields of format 1."""
+    if "features" in meta:
+        return FeatureSpec.from_dict(meta["features"])
+    neighbours = bool(meta["config"].get("use_neighbour", False))
+    return FeatureSpec(
+        encoder=EncoderRef(**meta["encoder"]),
+        geometry=TileGeometry.from_dict(meta["geometry"]),
+        mode=str(meta.get("training", {}).get("feature_mode", "spot")),
+        neighbours=neighbours,
+    )
+
+
+def _check_version(saved: str | None, meta_file: Path) -> None:
+    """Warn when a model was written by another minor version of the package."""
+    from genedml_sd import __version__
+
+    if saved is None:
+        warnings.warn(f"{meta_file} records no genedml-sd version (written before 0.2).", UserWarning, stacklevel=3)
+        return
+    if saved.split(".")[:2] != __version__.split(".")[:2]:
+        warnings.warn(
+            f"{meta_file} was written by genedml-sd {saved}; this is {__version__}. Predictions may differ.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _json_default(obj: Any) -> Any:

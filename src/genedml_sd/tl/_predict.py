@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from genedml_sd import __version__
-from genedml_sd._spatial import ATTRS_KEY
+from genedml_sd._spatial import ATTRS_KEY, PREDICTIONS_KIND, sample_info
 
-from ._data import resolve_slide_keys, shapes_sample_info, slide_features
-from ._model import GeneDML
+from ._data import resolve_slide_keys
+from ._model import TrainedModel
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def predict(
     sdata: SpatialData,
-    model: GeneDML,
+    model: TrainedModel,
     *,
     image_key: str | None = None,
     shapes_key: str | None = None,
@@ -48,7 +48,7 @@ def predict(
     sdata
         SpatialData with an H&E image and a circles element (no counts table needed).
     model
-        A model from :func:`genedml_sd.tl.fit` or :meth:`GeneDML.load <genedml_sd.tl.GeneDML.load>`.
+        A model from :func:`genedml_sd.tl.fit` or :meth:`TrainedModel.load <genedml_sd.tl.TrainedModel.load>`.
     image_key, shapes_key
         Elements to use; inferred when unambiguous.
     key_added
@@ -76,8 +76,8 @@ def predict(
     """
     from spatialdata.models import TableModel
 
-    if not isinstance(model, GeneDML):
-        raise TypeError(f"model must be a GeneDML from gd.tl.fit, got {type(model).__name__}.")
+    if not isinstance(model, TrainedModel):
+        raise TypeError(f"model must be a TrainedModel from gd.tl.fit, got {type(model).__name__}.")
     if inplace and key_added in sdata.tables and not overwrite:
         raise KeyError(f"Table {key_added!r} already exists; pass overwrite=True to replace it, or another key_added.")
     if inplace and key_added in sdata and key_added not in sdata.tables:
@@ -88,15 +88,16 @@ def predict(
 
     if encoder is None:
         encoder = model.encoder.load(hf_token=hf_token)
-    if encoder.fingerprint != model.encoder.fingerprint:
-        raise ValueError(
-            f"Encoder {encoder.name!r} (fingerprint {encoder.fingerprint}) is not the one the model was trained "
-            f"with ({model.encoder.name!r}, fingerprint {model.encoder.fingerprint})."
-        )
-    mode = model.training.get("feature_mode", "spot")  # features made the way the model was trained on
-    extraction = {"device": device, "num_workers": num_workers, "cache_dir": cache_dir, "mode": mode}
-    feats = slide_features(
-        sdata, keys, encoder, model.geometry, neighbours=model.uses_neighbours, extraction=extraction
+    model.encoder.check(encoder)
+    # features made exactly the way the model was trained on (encoder, geometry, mode, scales)
+    feats = model.features.extract(
+        sdata,
+        encoder,
+        image_key=keys.image_key,
+        shapes_key=keys.shapes_key,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        device=device,
     )
     pred = model.predict_features(feats, device=device)
 
@@ -105,7 +106,7 @@ def predict(
         {"region": pd.Categorical([keys.shapes_key] * len(shapes)), "spot_id": shapes.index.to_numpy()},
         index=pd.Index([str(i) for i in shapes.index], name=None),
     )
-    info = shapes_sample_info(sdata, keys, exclude=[key_added])
+    info = sample_info(sdata, keys.shapes_key, None, exclude=[key_added])
     from anndata import AnnData
 
     table = AnnData(X=pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(model.genes)))
@@ -121,14 +122,16 @@ def predict(
     return None
 
 
-def _run_metadata(model: GeneDML, keys: Any, info: dict[str, Any]) -> dict[str, Any]:
+def _run_metadata(model: TrainedModel, keys: Any, info: dict[str, Any]) -> dict[str, Any]:
     meta = {
+        "kind": PREDICTIONS_KIND,
         "method": model.method,
         "image_key": keys.image_key,
         "shapes_key": keys.shapes_key,
         "encoder": model.encoder.name,
         "encoder_fingerprint": model.encoder.fingerprint,
         "geometry": model.geometry.to_dict(),
+        "feature_mode": model.features.mode,
         "normalization": dict(model.normalization),
         "trained_on": list(model.training.get("sections", [])),
         "section": str(info.get("section", keys.shapes_key)),

@@ -1,0 +1,179 @@
+"""The typed feature specification a model is trained on: encoder, tile geometry, feature mode, scales.
+
+A :class:`FeatureSpec` is made once by :func:`genedml_sd.tl.fit`, stored on the trained model, and used
+unchanged by :func:`~genedml_sd.tl.predict` and :func:`~genedml_sd.tl.cross_validate`, so features are
+always computed the way the model was trained on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from genedml_sd.tiling import TileGeometry
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from spatialdata import SpatialData
+
+    from genedml_sd.encoders import FrozenEncoder, SpotFeatures
+
+FEATURE_MODES = ("spot", "lattice")
+"""``"spot"``: every spot's own 5x5 neighbour grid (the paper's); ``"lattice"``: a tile lattice encoded once."""
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """How to rebuild the frozen encoder a model was trained on.
+
+    Attributes
+    ----------
+    name
+        Registry name (see :func:`genedml_sd.encoders.list_encoders`).
+    pretrained
+        ``False`` for a random-init encoder (tests, benchmarks).
+    weights
+        Path of a local weights file, if one was used.
+    fingerprint
+        The encoder's fingerprint (name + weights identity); predictions require features with the
+        same fingerprint.
+    embed_dim
+        Feature width D.
+    """
+
+    name: str
+    pretrained: bool
+    weights: str | None
+    fingerprint: str
+    embed_dim: int
+
+    @classmethod
+    def of(cls, encoder: FrozenEncoder, *, pretrained: bool, weights: str | None) -> EncoderRef:
+        """Reference of a loaded encoder."""
+        return cls(encoder.name, bool(pretrained), weights, encoder.fingerprint, int(encoder.embed_dim))
+
+    def load(self, **kwargs: Any) -> FrozenEncoder:
+        """Load the encoder again (``kwargs`` such as ``hf_token`` go to :func:`~genedml_sd.encoders.load_encoder`)."""
+        from genedml_sd.encoders import load_encoder
+
+        return load_encoder(self.name, pretrained=self.pretrained, weights=self.weights, **kwargs)
+
+    def check(self, encoder: FrozenEncoder) -> None:
+        """Raise a ``ValueError`` if ``encoder`` is not this one (another architecture or weights)."""
+        if encoder.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"Encoder {encoder.name!r} (fingerprint {encoder.fingerprint}) is not the one the model was trained "
+                f"with ({self.name!r}, fingerprint {self.fingerprint})."
+            )
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which frozen-encoder features a model reads, and how they are made.
+
+    Attributes
+    ----------
+    encoder
+        The frozen encoder (name, weights, fingerprint, width D).
+    geometry
+        Tile geometry: tile side in µm and px, neighbour grid size.
+    mode
+        ``"spot"`` (each spot's own neighbour grid, ``grid**2`` encoder calls per spot) or ``"lattice"``
+        (a tile lattice over the tissue encoded once, neighbour tokens gathered from it).
+    neighbours
+        Whether neighbour-grid features are read (``False`` for local-only methods).
+    """
+
+    encoder: EncoderRef
+    geometry: TileGeometry
+    mode: str = "spot"
+    neighbours: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in FEATURE_MODES:
+            raise ValueError(f"feature_mode must be one of {list(FEATURE_MODES)}, got {self.mode!r}.")
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        """The feature scales read from the cache, ``("local",)`` or ``("local", "neighbour")``."""
+        return ("local", "neighbour") if self.neighbours else ("local",)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dict."""
+        return {
+            "encoder": asdict(self.encoder),
+            "geometry": self.geometry.to_dict(),
+            "mode": self.mode,
+            "neighbours": self.neighbours,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            encoder=EncoderRef(**d["encoder"]),
+            geometry=TileGeometry.from_dict(d["geometry"]),
+            mode=str(d.get("mode", "spot")),
+            neighbours=bool(d.get("neighbours", True)),
+        )
+
+    def extraction_kwargs(
+        self,
+        *,
+        cache_dir: str | PathLike | None = None,
+        num_workers: int | None = None,
+        device: str | None = None,
+        neighbours: bool | None = None,
+    ) -> dict[str, Any]:
+        """Keyword arguments of :func:`~genedml_sd.encoders.extract_features` for this spec."""
+        return {
+            "geometry": self.geometry,
+            "neighbours": self.neighbours if neighbours is None else neighbours,
+            "mode": self.mode,
+            "cache_dir": cache_dir,
+            "num_workers": num_workers,
+            "device": device,
+        }
+
+    def extract(
+        self,
+        sdata: SpatialData,
+        encoder: FrozenEncoder,
+        *,
+        image_key: str,
+        shapes_key: str,
+        neighbours: bool | None = None,
+        **kwargs: Any,
+    ) -> SpotFeatures:
+        """Cached features of one slide (see :func:`~genedml_sd.encoders.extract_features`)."""
+        from genedml_sd.encoders import extract_features
+
+        self.encoder.check(encoder)
+        return extract_features(
+            sdata,
+            encoder,
+            image_key=image_key,
+            shapes_key=shapes_key,
+            **self.extraction_kwargs(neighbours=neighbours, **kwargs),
+        )
+
+    def extract_many(
+        self,
+        slides: Sequence[tuple[SpatialData, str, str]],
+        encoder: FrozenEncoder,
+        *,
+        neighbours: bool | None = None,
+        **kwargs: Any,
+    ) -> list[SpotFeatures]:
+        """Cached features of several ``(sdata, image_key, shapes_key)``; shared across processes of a launch.
+
+        See :func:`~genedml_sd.encoders.extract_features_sharded`.
+        """
+        from genedml_sd.encoders import extract_features_sharded
+
+        self.encoder.check(encoder)
+        return extract_features_sharded(
+            list(slides), encoder, **self.extraction_kwargs(neighbours=neighbours, **kwargs)
+        )
