@@ -183,6 +183,11 @@ def test_hest_reader_on_real_section_written_in_hest_layout(demo, tmp_path):
     assert 2 * radius * meta["pixel_size_um_estimated"] == pytest.approx(100.0)
     with pytest.raises(FileNotFoundError, match="HEST sample .MISSING.: st file"):
         gd.io.hest(tmp_path, "MISSING")
+    # the lazy slide survives pickling (DataLoader workers, dask processes) and reads the same pixels
+    import pickle
+
+    again = pickle.loads(pickle.dumps(img.data))
+    np.testing.assert_array_equal(again[:, 1000:1010, 700:720].compute(), orig[:, 1000:1010, 700:720].values)
 
 
 def test_visium_pixel_size_from_spot_diameter(b4):

@@ -14,6 +14,11 @@ from typing import TypeVar
 F = TypeVar("F", bound=Callable)
 
 SNIPPETS: dict[str, str] = {
+    "config_dims": """\
+enc_dim
+    Width D of the frozen encoder's features (filled from the data by :func:`~genedml_sd.tl.fit`).
+n_genes
+    Number of predicted genes G (likewise).""",
     "slide_keys": """\
 image_key, shapes_key, table_key
     Elements to use in each slide: the H&E image, the observations (spots, bins or cells) and the

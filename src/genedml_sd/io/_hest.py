@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ._build import build_spot_sdata
+from ._tiff import tiff_levels
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -26,17 +27,11 @@ SPOT_DIAMETER_UM = {"visium": 55.0, "spatial transcriptomics": 100.0, "st": 100.
 def read_tiff_lazy(path: str | PathLike) -> da.Array:
     """Open the full-resolution level of a (pyramidal) TIFF as a lazy ``(y, x, c)`` dask array.
 
-    Only the tiles a computation touches are decoded, so whole-slide images never enter memory.
+    Only the tiles a computation touches are decoded, so whole-slide images never enter memory. The
+    array can be pickled (DataLoader workers and dask processes reopen the file), see
+    :func:`~genedml_sd.io._tiff.tiff_levels`.
     """
-    import dask.array as da
-    import tifffile
-    import zarr
-
-    store = tifffile.imread(path, aszarr=True, level=0)
-    arr = zarr.open(store, mode="r")
-    if not hasattr(arr, "shape"):  # a group: take the first (full-resolution) array
-        arr = arr[next(iter(arr.array_keys()))]
-    return da.from_zarr(arr)
+    return tiff_levels(path)[0].transpose(1, 2, 0)
 
 
 def hest(path: str | PathLike, sample_id: str) -> SpatialData:

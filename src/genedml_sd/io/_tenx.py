@@ -146,3 +146,18 @@ def int_counts(x: Any, where: str) -> Any:
 def relative_difference(a: float, b: float) -> float:
     """``|a / b - 1|``."""
     return abs(a / b - 1.0)
+
+
+def barcode_table(table: Any, xy: np.ndarray) -> Any:
+    """Counts table of spots or bins, sharing the reader's counts matrix (never copied or densified).
+
+    ``obs`` holds ``barcode`` (also the index) and the lattice columns ``in_tissue`` / ``array_row`` / ``array_col`` when present,
+    ``obsm["spatial"]`` the centres ``xy`` (n, 2).
+    """
+    import pandas as pd
+    from anndata import AnnData
+
+    keep = [c for c in ("in_tissue", "array_row", "array_col") if c in table.obs]
+    barcodes = table.obs_names.astype(str)
+    obs = pd.DataFrame({"barcode": barcodes, **{c: table.obs[c].to_numpy() for c in keep}}, index=pd.Index(barcodes))
+    return AnnData(X=table.X, obs=obs, var=table.var.copy(), obsm={"spatial": xy})

@@ -24,7 +24,15 @@ from genedml_sd._spatial import set_pixel_size
 from ._assemble import assemble, sample_metadata
 from ._lattice import VISIUM_STEP_UM, fit_lattice
 from ._pyramid import extend_levels, multiscale_image
-from ._tenx import downscaled_image, find_counts_file, infer_dataset_id, outs_folder, read_json, relative_difference
+from ._tenx import (
+    barcode_table,
+    downscaled_image,
+    find_counts_file,
+    infer_dataset_id,
+    outs_folder,
+    read_json,
+    relative_difference,
+)
 from ._tiff import image_levels_from_file
 from ._wsi import resolve_pixel_size
 
@@ -177,7 +185,6 @@ def visium(
     File names and keys as spatialdata-io 0.7.1 reads them; tested on Space Ranger 1 and 2+ layouts written
     from real HER2ST pixels and counts (``tests/_layouts/visium.py``).
     """
-    from anndata import AnnData
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity, Scale
     from spatialdata_io import visium as read_visium
@@ -265,10 +272,7 @@ def visium(
         index=pd.RangeIndex(n),
         transformations={"global": Identity()},
     )
-    keep = [c for c in ("in_tissue", "array_row", "array_col") if c in table.obs]
-    obs = pd.DataFrame({"barcode": table.obs_names.astype(str), **{c: table.obs[c].to_numpy() for c in keep}})
-    obs.index = pd.Index(table.obs_names.astype(str))
-    counts = AnnData(X=table.X, obs=obs, var=table.var.copy(), obsm={"spatial": xy})
+    counts = barcode_table(table, xy)
     info = sample_metadata(
         dataset_id,
         platform="visium",

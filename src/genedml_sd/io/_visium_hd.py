@@ -23,7 +23,15 @@ import pandas as pd
 from ._assemble import assemble, sample_metadata
 from ._lattice import fit_lattice, square_bins
 from ._pyramid import extend_levels, multiscale_image
-from ._tenx import downscaled_image, folder_id, h5_library_id, outs_folder, read_json, relative_difference
+from ._tenx import (
+    barcode_table,
+    downscaled_image,
+    folder_id,
+    h5_library_id,
+    outs_folder,
+    read_json,
+    relative_difference,
+)
 from ._tiff import image_levels_from_file
 from ._wsi import resolve_pixel_size
 
@@ -152,7 +160,6 @@ def visium_hd(
     -----
     File names and keys as spatialdata-io 0.7.1 reads them (``tests/_layouts/visium_hd.py`` writes the layout).
     """
-    from anndata import AnnData
     from geopandas import GeoDataFrame
     from shapely import polygons
     from spatialdata.models import ShapesModel
@@ -223,10 +230,7 @@ def visium_hd(
     shapes = ShapesModel.parse(
         GeoDataFrame(geometry=geometry, index=pd.RangeIndex(n)), transformations={"global": Identity()}
     )
-    keep = [c for c in ("in_tissue", "array_row", "array_col") if c in table.obs]
-    obs = pd.DataFrame({"barcode": table.obs_names.astype(str), **{c: table.obs[c].to_numpy() for c in keep}})
-    obs.index = pd.Index(table.obs_names.astype(str))
-    counts = AnnData(X=table.X, obs=obs, var=table.var.copy(), obsm={"spatial": xy})
+    counts = barcode_table(table, xy)
     info = sample_metadata(
         dataset_id,
         platform="visium_hd",

@@ -20,12 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from genedml_sd._docs import docs
+
 from ._data import SlideTensors
 
 SCALES: tuple[str, ...] = ("local", "neighbour", "global")
 
 
 # ====================================================================================== config
+@docs
 @dataclass(frozen=True)
 class MethodConfig:
     """Base of every method's configuration (a frozen dataclass).
@@ -37,10 +40,7 @@ class MethodConfig:
 
     Attributes
     ----------
-    enc_dim
-        Width D of the frozen encoder's features (filled from the data by :func:`genedml_sd.tl.fit`).
-    n_genes
-        Number of predicted genes G (likewise).
+    %(config_dims)s
     """
 
     # plain class attributes, not ClassVar annotations: a subclass may declare them as fields without

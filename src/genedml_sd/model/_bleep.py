@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genedml_sd._docs import docs
+
 from ._base import (
     LossOutput,
     SlideModule,
@@ -26,16 +28,14 @@ from ._data import SlideTensors
 from ._losses import soft_target_instance_loss
 
 
+@docs
 @dataclass(frozen=True)
 class BLEEPConfig(TrainedConfig):
     """Hyper-parameters of :class:`~genedml_sd.model.BLEEP` and its training.
 
     Attributes
     ----------
-    enc_dim
-        Width D of the frozen encoder's features.
-    n_genes
-        Number of predicted genes G.
+    %(config_dims)s
     dim
         Width of the image and expression embeddings (256 in BLEEP).
     dropout

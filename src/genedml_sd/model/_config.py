@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from genedml_sd._docs import docs
+
 from ._base import TrainedConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -23,6 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@docs
 @dataclass(frozen=True)
 class GeneDMLConfig(TrainedConfig):
     """Hyper-parameters of :class:`~genedml_sd.model.GeneDML` and its training.
@@ -31,10 +34,7 @@ class GeneDMLConfig(TrainedConfig):
 
     Attributes
     ----------
-    enc_dim
-        Width D of the frozen encoder's features.
-    n_genes
-        Number of predicted genes G.
+    %(config_dims)s
     dim
         Width of the per-scale image embeddings and the gene embedding (512 in the paper).
     use_local, use_neighbour, use_global

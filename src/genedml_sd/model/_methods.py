@@ -11,6 +11,7 @@ Importing this module imports only torch and numpy; Lightning is imported when g
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -184,14 +185,19 @@ def train_method(
         raise TypeError(f"Method {spec.name!r} needs a {spec.config.__name__}, got {type(config).__name__}.")
     check_slides(train, val, config)
     if spec.fit is not None:
-        return spec.fit(train, val, config, args)
-    import lightning.pytorch as pl
+        t0 = time.perf_counter()
+        result = spec.fit(train, val, config, args)
+    else:
+        import lightning.pytorch as pl
 
-    from ._train import train_module
+        from ._train import train_module
 
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    module = spec.module(config.for_training(train))
-    return train_module(module, train, val, args, method=spec.name)
+        t0 = time.perf_counter()
+        pl.seed_everything(args.seed, workers=True, verbose=False)
+        module = spec.module(config.for_training(train))
+        result = train_module(module, train, val, args, method=spec.name)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def train_gene_dml(

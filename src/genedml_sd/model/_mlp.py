@@ -12,6 +12,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from genedml_sd._docs import docs
+
 from ._base import (
     LossOutput,
     SlideModule,
@@ -25,16 +27,14 @@ from ._data import SlideTensors
 from ._losses import prediction_loss
 
 
+@docs
 @dataclass(frozen=True)
 class MLPConfig(TrainedConfig):
     """Hyper-parameters of :class:`~genedml_sd.model.MLPRegressor` (ST-Net-like head) and its training.
 
     Attributes
     ----------
-    enc_dim
-        Width D of the frozen encoder's features.
-    n_genes
-        Number of predicted genes G.
+    %(config_dims)s
     hidden
         Hidden width of the head.
     dropout

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genedml_sd._docs import docs
+
 from ._base import LossOutput, SlideModule, SpotBatch, TrainedConfig, targets
 from ._data import SlideTensors
 from ._hypergraph import (
@@ -55,16 +57,14 @@ __all__ = [
 
 
 # ====================================================================================== config
+@docs
 @dataclass(frozen=True)
 class NH2STConfig(TrainedConfig):
     """Hyper-parameters of :class:`~genedml_sd.model.NH2ST` and its training.
 
     Attributes
     ----------
-    enc_dim
-        Width D of the frozen encoder's features.
-    n_genes
-        Number of predicted genes G.
+    %(config_dims)s
     dim
         Width of all embeddings (512 in the paper).
     radius

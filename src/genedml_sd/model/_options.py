@@ -147,6 +147,9 @@ class TrainResult:
     contexts
         Per-training-slide static contexts of the module (:meth:`~genedml_sd.model.SlideModule.slide_context`,
         e.g. NH2ST's spot neighbourhoods); empty if it has none.
+    seconds
+        Wall-clock seconds spent training, set by :func:`~genedml_sd.model.train_method` (one-off
+        imports of the training back end excluded, so the first fold of a run is not charged for them).
     """
 
     module: Any
@@ -154,6 +157,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     contexts: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def resolve_precision(precision: str | int | None, accelerator: str) -> str:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genedml_sd._docs import docs
+
 from ._base import (
     MethodConfig,
     SlideModule,
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 RIDGE_ALPHAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
 
+@docs
 @dataclass(frozen=True)
 class RidgeConfig(MethodConfig):
     """Hyper-parameters of :class:`~genedml_sd.model.RidgeRegressor` (HEST-Benchmark linear probe).
@@ -47,10 +50,7 @@ class RidgeConfig(MethodConfig):
 
     Attributes
     ----------
-    enc_dim
-        Width D of the frozen encoder's features.
-    n_genes
-        Number of predicted genes G.
+    %(config_dims)s
     n_components
         PCA components kept; training sets it to ``min(n_components, n_train_spots, D)``.
     alpha

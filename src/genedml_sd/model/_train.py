@@ -193,7 +193,8 @@ def train_module(
     if folder is not None:
         callbacks.append(LastCheckpoint(folder / LAST_CHECKPOINT))  # last: sees the epoch's other callback states
     try:
-        with quiet_lightning(not args.progress):
+        # Lightning's device summary and tips only at debug verbosity; our epoch bar is separate
+        with quiet_lightning(not logger.isEnabledFor(logging.DEBUG)):
             trainer = pl.Trainer(
                 max_epochs=args.max_epochs,
                 accelerator=args.accelerator,

@@ -15,7 +15,7 @@ from genedml_sd._docs import docs
 from ._data import as_list, resolve_slide_keys, slide_expression, slide_info
 from ._evaluate import N_TOP, score_predictions
 from ._features import FeatureSpec
-from ._fit import fit, resolve_encoder
+from ._fit import _build_config, fit, resolve_encoder, uses_neighbour_tiles
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -126,8 +126,9 @@ def cross_validate(
 
     geometry = geometry or TileGeometry()
     enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
-    # every method of every fold reads these cached features (neighbour grids included)
-    spec = FeatureSpec(ref, geometry, feature_mode, neighbours=True)
+    # every fold reads these cached features; neighbour grids only for methods that use them
+    neighbours = _needs_neighbours(method, config, fit_kwargs, enc_dim=ref.embed_dim, genes=genes)
+    spec = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
     extraction: dict[str, Any] = {"cache_dir": cache_dir, "num_workers": num_workers}
     from genedml_sd.encoders import process_rank
 
@@ -222,3 +223,19 @@ def cross_validate(
 
 def _plain(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "leak_free_genes"}
+
+
+def _needs_neighbours(method: str, config: Any, fit_kwargs: dict[str, Any], *, enc_dim: int, genes: Any) -> bool:
+    """Whether ``method`` with ``config`` reads neighbour features (when in doubt, ``True``: fit reports errors)."""
+    import inspect
+
+    from genedml_sd.model import get_method
+
+    fit_params = set(inspect.signature(fit).parameters)
+    overrides = {k: v for k, v in fit_kwargs.items() if k not in fit_params}
+    try:
+        n_genes = int(genes) if isinstance(genes, int | np.integer) else len(genes)
+        cfg = _build_config(get_method(method).config, config, overrides, enc_dim=enc_dim, n_genes=max(n_genes, 1))
+    except Exception:  # noqa: BLE001 - fit raises the real error with its context
+        return True
+    return uses_neighbour_tiles(cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -147,7 +146,7 @@ def fit(
 
     enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
     cfg = _build_config(spec.config, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
-    features = FeatureSpec(ref, geometry, feature_mode, neighbours=bool(getattr(cfg, "use_neighbour", False)))
+    features = FeatureSpec(ref, geometry, feature_mode, neighbours=uses_neighbour_tiles(cfg))
     extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir}
     tensors = slide_tensors(
         slides, keys, features, enc, genes=gene_list, names=names, layer=layer, extraction=extraction
@@ -174,9 +173,8 @@ def fit(
         resume=resume,
         trainer_kwargs=trainer_kwargs,
     )
-    t0 = time.perf_counter()
     result = train_method(spec, train, val, cfg, args)
-    seconds = time.perf_counter() - t0
+    seconds = result.seconds
     module = result.module.cpu().eval()
     cfg = result.config
     ranking, scores = _gene_ranking(module, val or train, gene_list)
@@ -204,6 +202,11 @@ def fit(
         training=training,
         method=spec.name,
     )
+
+
+def uses_neighbour_tiles(config: Any) -> bool:
+    """Whether a method config reads the 5x5 neighbour-tile features (its ``use_neighbour`` field, default no)."""
+    return bool(getattr(config, "use_neighbour", False))
 
 
 def _build_config(config_cls: Any, config: Any, overrides: dict[str, Any], *, enc_dim: int, n_genes: int) -> Any:
