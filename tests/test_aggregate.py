@@ -426,3 +426,78 @@ def test_aggregate_memory_300k_bins_18k_genes():
     assert res["n_spots"] == 79 * 79  # ceil(548 / 7) pseudo-spots of 7 x 7 bins per side
     assert res["max_rss_mib"] < 3 * 1024  # whole process, building the inputs included
     assert res["rss_peak_during_mib"] - res["rss_before_mib"] < 1024  # the aggregation itself
+
+
+def _perfect_predictions(sdata, dense):
+    """A prediction table of the bins holding their exact log-normalised counts (what a perfect model predicts)."""
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    lib = dense.sum(axis=1, keepdims=True).astype(np.float64)
+    x = np.log1p(1e4 * dense / np.where(lib > 0, lib, 1.0))
+    n = len(dense)
+    obs = pd.DataFrame(
+        {"region": pd.Categorical(["bins"] * n), "spot_id": np.arange(n)}, index=[f"p{i}" for i in range(n)]
+    )
+    table = ad.AnnData(X=x.astype(np.float32), obs=obs, var=pd.DataFrame(index=sdata.tables["table"].var_names))
+    table.uns["genedml_sd"] = {"kind": "predictions", "gene_ranking": list(table.var_names[:5])}
+    sdata.tables["pred"] = TableModel.parse(table, region="bins", region_key="region", instance_key="spot_id")
+    return x
+
+
+@pytest.mark.parametrize("shuffle_table", [False, True])
+def test_aggregate_predictions_pools_like_the_counts(shuffle_table):
+    import genedml_sd as gd
+
+    sdata, dense = _synthetic_bins(shuffle_table=shuffle_table)
+    gd.pp.aggregate_bins(sdata, "bins", size_um=56, key_added="spots")
+    x = _perfect_predictions(sdata, dense)
+    gd.tl.aggregate_predictions(sdata, "spots", pred_key="pred")
+    pooled = sdata.tables["pred_spots"]
+    coarse = sdata.tables["spots_table"].X.toarray().astype(np.float64)
+    # library-size weights: pooled perfect predictions are exactly the log-normalised summed counts
+    expected = np.log1p(1e4 * coarse / coarse.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(pooled.X, expected, rtol=2e-6, atol=2e-6)
+    _, _, n_bins = _expected(dense, 7)
+    np.testing.assert_array_equal(pooled.obs["n_predicted"].to_numpy(), n_bins)
+    assert pooled.uns["genedml_sd"]["kind"] == "predictions" and pooled.uns["genedml_sd"]["aggregated_from"] == "pred"
+    ev = gd.tl.evaluate(sdata, pred_key="pred_spots", inplace=False)
+    assert ev.summary["table_key"] == "spots_table" and ev.summary["n_spots"] == 12
+    np.testing.assert_allclose(ev.per_gene.loc[~ev.per_gene["constant"], "pcc"], 1.0, atol=1e-5)
+
+    # equal weights: log1p of the plain mean of expm1 over the bins of each pseudo-spot, by hand
+    table = gd.tl.aggregate_predictions(sdata, "spots", pred_key="pred", weights=None, inplace=False)
+    rows, cols = np.divmod(np.arange(len(dense)), NX)
+    first = (rows // 7 == 0) & (cols // 7 == 0)  # pseudo-spot (0, 0) is row 0 of the coarse table
+    np.testing.assert_allclose(table.X[0], np.log1p(np.expm1(x[first]).mean(axis=0)), rtol=2e-6)
+    assert table.uns["genedml_sd"]["weights"] == "equal"
+
+
+def test_aggregate_predictions_errors():
+    import genedml_sd as gd
+
+    sdata, dense = _synthetic_bins()
+    _perfect_predictions(sdata, dense)
+    with pytest.raises(ValueError, match="lacks the pseudo-spot grid of gd.pp.aggregate_bins"):
+        gd.tl.aggregate_predictions(sdata, "bins", pred_key="pred")
+    gd.pp.aggregate_bins(sdata, "bins", size_um=56, key_added="spots")
+    with pytest.raises(ValueError, match="'table' is not a prediction table"):
+        gd.tl.aggregate_predictions(sdata, "spots", pred_key="table")
+    with pytest.raises(ValueError, match="weights must be 'library' or None"):
+        gd.tl.aggregate_predictions(sdata, "spots", pred_key="pred", weights="counts")
+    gd.tl.aggregate_predictions(sdata, "spots", pred_key="pred", key_added="pooled")
+    with pytest.raises(KeyError, match="pooled"):
+        gd.tl.aggregate_predictions(sdata, "spots", pred_key="pred", key_added="pooled")
+    # predictions on only some of the bins leave pseudo-spots without predictions: an error
+    sdata.tables["pred"] = sdata.tables["pred"][:100].copy()
+    import spatialdata as sd
+
+    small = sd.SpatialData(
+        images=dict(sdata.images),
+        shapes={"bins": sdata["bins"].iloc[:100], "spots": sdata["spots"]},
+        tables={"pred": sdata.tables["pred"], "spots_table": sdata.tables["spots_table"]},
+        attrs=dict(sdata.attrs),
+    )
+    with pytest.raises(ValueError, match="pseudo-spots of 'spots' contain no observation of 'bins'"):
+        gd.tl.aggregate_predictions(small, "spots", pred_key="pred")

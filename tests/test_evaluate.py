@@ -143,3 +143,110 @@ def test_each_baseline_beats_shuffled_labels_on_demo_data(demo, method):
     real = pcc_a([b4, c2, c3])
     null = [pcc_a([_shuffled_labels(s, 10 * k + i) for i, s in enumerate([b4, c2, c3])]) for k in range(3)]
     assert real > max(null) and real > np.mean(null) + 0.05, (method, real, null)
+
+
+@pytest.fixture(scope="module")
+def ridge25(demo):
+    b4, c2, c3, c4 = demo
+    return gd.tl.fit([c2, c3], method="ridge", config="default", encoder=ENCODER, genes=25, val_sections=None)
+
+
+def test_predictions_plot_with_squidpy_defaults(demo, ridge25):
+    """uns['spatial'] puts each spot on its own place of the stored overview image (µm coordinates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import squidpy as sq
+
+    from genedml_sd._spatial import spots_to_pixels
+    from genedml_sd.tiling import SlideReader
+
+    b4, c2, c3, c4 = demo
+    model = ridge25
+    table = gd.tl.predict(c4, model, inplace=False)
+    (library_id,) = table.uns["spatial"]
+    assert library_id == "C4_he"
+    lib = table.uns["spatial"][library_id]
+    hires, scalef = lib["images"]["hires"], lib["scalefactors"]["tissue_hires_scalef"]
+    reader = SlideReader.from_sdata(c4, "C4_he")
+    assert max(hires.shape[:2]) <= 2000 and hires.dtype == np.uint8 and hires.shape[2] == 3
+    # spot centres in overview pixels: µm x scalef == level-0 pixels / overview downsampling, to within
+    # half an overview pixel (pyramid levels of odd sizes are not exactly 2x apart along y and x)
+    _, um = reader.overview()
+    px0 = spots_to_pixels(c4, "C4_spots", "C4_he")
+    expected = px0 * reader.um_per_px0 / np.array([um[1], um[0]])
+    np.testing.assert_allclose(table.obsm["spatial"] * scalef, expected, atol=0.5)
+    # spot diameter in µm: the legacy ST spots are 100 µm apart; their diameter is about half that
+    assert 40 < lib["scalefactors"]["spot_diameter_fullres"] < 120
+    sq.pl.spatial_scatter(table, color=model.genes[0])
+    ax = plt.gcf().axes[0]
+    assert ax.images, "the tissue image was not drawn"
+    plt.close("all")
+
+
+def test_few_shared_genes_warn_and_evaluate_scores_the_shared_ones(demo, ridge25):
+    import spatialdata as sd
+
+    b4, c2, c3, c4 = demo
+    model = ridge25
+    table = c4.tables["table"].copy()
+    renamed = {g: f"{g}_other" for g in model.genes[10:]}  # only the first 10 model genes stay measured
+    table.var_names = [renamed.get(g, g) for g in table.var_names]
+    other = sd.SpatialData(
+        images=dict(c4.images), shapes=dict(c4.shapes), tables={"table": table}, attrs=dict(c4.attrs)
+    )
+    with pytest.warns(UserWarning, match="measures only 10 of the model's 25 genes"):
+        gd.tl.predict(other, model, key_added="pred", overview_px=None)
+    assert "spatial" not in other.tables["pred"].uns
+    with pytest.raises(KeyError, match="15 of 25 predicted genes are not measured.*genes='shared'"):
+        gd.tl.evaluate(other, pred_key="pred")
+    with pytest.warns(UserWarning, match="Scoring 10 of the 25 predicted genes"):
+        ev = gd.tl.evaluate(other, pred_key="pred", genes="shared")
+    assert list(ev.per_gene.index) == model.genes[:10]
+    # library sizes still come from all measured genes: same per-gene PCC as on the intact slide
+    gd.tl.predict(c4, model, key_added="gd_full", overwrite=True, overview_px=None)
+    try:
+        full = gd.tl.evaluate(c4, pred_key="gd_full", inplace=False)
+    finally:
+        del c4.tables["gd_full"]
+    np.testing.assert_allclose(ev.per_gene["pcc"].to_numpy(), full.per_gene["pcc"].to_numpy()[:10])
+    with pytest.raises(ValueError, match="genes must be None, 'shared'"):
+        gd.tl.evaluate(other, pred_key="pred", genes="all")
+
+
+def test_predict_writes_only_its_table_to_a_backed_store(demo, ridge25, tmp_path):
+    import spatialdata as sd
+
+    b4, c2, c3, c4 = demo
+    path = tmp_path / "c4.zarr"
+    sd.SpatialData(
+        images=dict(c4.images), shapes=dict(c4.shapes), tables={"table": c4.tables["table"]}, attrs=dict(c4.attrs)
+    ).write(path)
+    backed = sd.read_zarr(path)
+    image_files = sorted(p.relative_to(path) for p in (path / "images").rglob("*"))
+    gd.tl.predict(backed, ridge25, key_added="pred", overview_px=64)
+    on_disk = sd.read_zarr(path)
+    assert "pred" in on_disk.tables and on_disk.tables["pred"].uns["genedml_sd"]["kind"] == "predictions"
+    np.testing.assert_allclose(on_disk.tables["pred"].X, backed.tables["pred"].X)
+    assert sorted(p.relative_to(path) for p in (path / "images").rglob("*")) == image_files  # the rest untouched
+    # a table of that name on disk is replaced only with overwrite, even when absent from memory
+    del backed.tables["pred"]
+    with pytest.raises(KeyError, match="'pred' already exists"):
+        gd.tl.predict(backed, ridge25, key_added="pred")
+    gd.tl.predict(backed, ridge25, key_added="pred", overwrite=True, overview_px=None)
+    assert "spatial" not in sd.read_zarr(path).tables["pred"].uns
+
+
+def test_cross_validate_extracts_neighbour_grids_only_for_methods_that_read_them():
+    from genedml_sd.tl._cross_validate import _needs_neighbours
+
+    assert _needs_neighbours("gene-dml", "full", {}, enc_dim=8, genes=25)
+    assert _needs_neighbours("gene-dml", "full", {"batch_size": 64}, enc_dim=8, genes=["A", "B"])  # a fit argument
+    assert not _needs_neighbours("gene-dml", "no-multiscale", {}, enc_dim=8, genes=25)
+    assert not _needs_neighbours("gene-dml", "full", {"use_neighbour": False}, enc_dim=8, genes=25)
+    # NH2ST builds its context from spot positions and local features, not from neighbour tiles
+    for method in ("nh2st", "ridge", "mlp", "bleep"):
+        assert not _needs_neighbours(method, "default", {}, enc_dim=8, genes=25)
+    # a config fit would reject: extract everything and let fit raise its own error
+    assert _needs_neighbours("ridge", "no-such-preset", {}, enc_dim=8, genes=25)

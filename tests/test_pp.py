@@ -57,3 +57,19 @@ def test_import_is_fast_and_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) < 3.0
     assert out[1:] == ["False", "False"]
+
+
+def test_log_normalize_can_stay_sparse():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    x = sp.random(200, 50, density=0.1, random_state=1, format="csr", data_rvs=lambda n: rng.integers(1, 9, n))
+    x = x.astype(np.int32)
+    dense = gd.pp.log_normalize(x)
+    for fmt in ("csr", "csc"):
+        out = gd.pp.log_normalize(x.asformat(fmt), dense=False)
+        assert sp.issparse(out) and out.format == "csr" and out.dtype == np.float32 and out.nnz == x.nnz
+        np.testing.assert_array_equal(out.toarray(), dense)
+    lib = np.asarray(x.sum(axis=1)).ravel()
+    np.testing.assert_allclose(dense[0], np.log1p(x[0].toarray().ravel() * 1e4 / lib[0]), rtol=1e-6)
+    assert isinstance(gd.pp.log_normalize(x.toarray(), dense=False), np.ndarray)  # dense in, dense out

@@ -220,3 +220,27 @@ def test_tiling_does_not_modify_sdata(demo):
     assert dict(s.attrs) == before[0]
     assert s["C3_spots"].equals(before[1])
     assert (s.tables["table"].X != before[2].X).nnz == 0
+
+
+def test_overview_picks_the_level_that_fits_and_block_averages_otherwise():
+    from genedml_sd.tiling import SlideReader
+
+    rng = np.random.default_rng(3)
+    lv0 = rng.integers(0, 256, (3, 64, 96), dtype=np.uint8)
+    lv1 = rng.integers(0, 256, (3, 32, 48), dtype=np.uint8)
+    s = make_sdata([lv0, lv1], [[10.0, 10.0]], um_per_px=0.5)
+    reader = SlideReader.from_sdata(s, "img")
+    # 48 px fits in 50: level 1 as it is, at twice the level-0 pixel size
+    rgb, um = reader.overview(50)
+    np.testing.assert_array_equal(rgb, np.moveaxis(lv1, 0, -1))
+    assert um == (1.0, 1.0)
+    # nothing fits in 20 px: level 1 averaged in 3 x 3 blocks (48 / 3 = 16 columns), rounded
+    rgb, um = reader.overview(20)
+    expected = lv1[:, :30, :48].reshape(3, 10, 3, 16, 3).mean(axis=(2, 4))
+    np.testing.assert_array_equal(rgb, np.rint(np.moveaxis(expected, 0, -1)).astype(np.uint8))
+    assert um == (3.0, 3.0)
+    # the full-resolution level when it fits
+    rgb, um = reader.overview(500)
+    assert rgb.shape == (64, 96, 3) and um == (0.5, 0.5)
+    with pytest.raises(ValueError, match="max_px"):
+        reader.overview(0)

@@ -336,7 +336,7 @@ def aggregate_bins(
     ``uns["genedml_sd"]`` the source's sample metadata (patient, section, platform, ...; its geometry
     entries such as ``observation_um`` or ``bin_size_um`` dropped) plus ``observation="spot"``,
     ``observation_um`` and ``side_um`` (both ``size_um``), ``origin_um``, ``image_key``, ``shapes_key``,
-    ``aggregated_from`` and ``aggregated_from_table``.
+    ``aggregated_from`` and ``aggregated_from_table`` (and ``aggregated_from_layer`` with ``layer``).
 
     Raises
     ------
@@ -418,6 +418,8 @@ def aggregate_bins(
         aggregated_from=shapes_key,
         aggregated_from_table=table_key,
     )
+    if layer is not None:
+        info["aggregated_from_layer"] = layer
     new_table = _pseudo_spot_table(summed, table, cells, n_bins, centres_cs, key_added, info)
     logger.info(
         "Aggregated %d observations of %s into %d pseudo-spots of %g µm (%d-%d per pseudo-spot) as %s / %s",

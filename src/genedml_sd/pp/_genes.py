@@ -144,11 +144,11 @@ def _as_names(value: str | Sequence[str] | None, n: int, what: str) -> list[Any]
 
 
 # --------------------------------------------------------------------------------------------- public
-def log_normalize(counts, target_sum: float = TARGET_SUM) -> np.ndarray:
+def log_normalize(counts, target_sum: float = TARGET_SUM, *, dense: bool = True) -> Any:
     """Per-spot library-size normalisation followed by ``log1p``.
 
-    Sparse counts are normalised through their stored values and densified only as the float32
-    result (no float64 copy of the whole matrix). This function does not check that the counts are
+    Sparse counts are normalised through their stored values (no float64 copy of the whole matrix)
+    and densified only as the float32 result, or not at all with ``dense=False``. This function does not check that the counts are
     raw; use :func:`check_raw_counts` for that (:func:`normalized_expression` and
     :func:`select_genes` do).
 
@@ -160,10 +160,14 @@ def log_normalize(counts, target_sum: float = TARGET_SUM) -> np.ndarray:
         :func:`normalized_expression`, which densifies only the genes asked for).
     target_sum
         Each spot is scaled to this total before ``log1p``.
+    dense
+        Return a dense array (default). With ``False`` sparse counts give a float32 CSR matrix of the
+        same sparsity (``log1p(0) = 0``): 300,000 Visium HD bins x 18,000 genes at 200 UMIs per bin
+        take about 0.5 GB instead of 21.6 GB dense. Dense counts always give a dense result.
 
     Returns
     -------
-    float32 array (n_spots, n_genes). Spots with zero counts stay zero.
+    float32 array or CSR matrix (n_spots, n_genes). Spots with zero counts stay zero.
 
     Raises
     ------
@@ -175,7 +179,8 @@ def log_normalize(counts, target_sum: float = TARGET_SUM) -> np.ndarray:
         if c.dtype.kind == "f" and not np.isfinite(c).all():
             raise ValueError("Counts contain NaN or infinite values.")
     if sp.issparse(x):
-        return _log_sparse(x, _scale(library_sizes(x), target_sum)).toarray(order="C")
+        out = _log_sparse(x, _scale(library_sizes(x), target_sum))
+        return out.toarray(order="C") if dense else sp.csr_matrix(out)
     return _log_columns(x, np.arange(x.shape[1]), target_sum)
 
 

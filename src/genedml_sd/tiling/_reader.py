@@ -177,6 +177,39 @@ class SlideReader:
         ds = self.downsampling[level]  # (sy, sx)
         return xy0 / np.array([ds[1], ds[0]])
 
+    def overview(self, max_px: int = 2000) -> tuple[np.ndarray, tuple[float, float]]:
+        """The whole image at most ``max_px`` px on its long side, for plots (e.g. squidpy's ``hires``).
+
+        Reads the finest pyramid level that fits in ``max_px``; when even the coarsest level is
+        larger, it is block-averaged lazily (dask, chunk by chunk) by the smallest integer factor
+        that fits. The full-resolution level is never decoded at once.
+
+        Parameters
+        ----------
+        max_px
+            Longest side of the result, px.
+
+        Returns
+        -------
+        ``(rgb, um_per_px)``: ``uint8`` array (height, width, 3) and its pixel size ``(y, x)`` in µm.
+        Pixel ``(i, j)`` covers level-0 pixels ``[i * s, (i + 1) * s)`` with ``s = um_per_px / um_per_px0``.
+        """
+        if int(max_px) < 1:
+            raise ValueError(f"max_px must be a positive number of pixels, got {max_px!r}.")
+        sizes = [max(lv.sizes["y"], lv.sizes["x"]) for lv in self.levels]
+        fits = [k for k, n in enumerate(sizes) if n <= max_px]
+        k = min(fits) if fits else len(self.levels) - 1
+        level = self.levels[k].transpose("c", "y", "x")
+        factor = max(1, math.ceil(sizes[k] / max_px))
+        if factor > 1:
+            level = level.coarsen(x=factor, y=factor, boundary="trim").mean()
+        arr = np.asarray(level.data.compute() if hasattr(level.data, "compute") else level.values)
+        if factor > 1 and np.issubdtype(self.levels[k].dtype, np.integer):  # block means back to the dtype
+            arr = np.rint(arr).astype(self.levels[k].dtype)
+        rgb = to_uint8(arr, image_key=self.image_key, where=f" (overview of level {k})")
+        um = self.levels_um_per_px[k] * factor
+        return np.ascontiguousarray(np.moveaxis(rgb, 0, -1)), (float(um[0]), float(um[1]))
+
     def read_regions(
         self, centres_px0: np.ndarray, side_um: float, out_px: int, *, scheduler: str | None = None
     ) -> np.ndarray:

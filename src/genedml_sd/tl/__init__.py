@@ -1,5 +1,6 @@
 """Tools: train Gene-DML (or another method) on SpatialData slides, predict expression on new ones, evaluate."""
 
+from ._aggregate import aggregate_predictions
 from ._cross_validate import cross_validate, leave_one_group_out
 from ._evaluate import Evaluation, PairedExpression, evaluate, observed_and_predicted, score_predictions
 from ._features import EncoderRef, FeatureSpec
@@ -29,6 +30,7 @@ __all__ = [
     "FeatureSpec",
     "PairedExpression",
     "TrainedModel",
+    "aggregate_predictions",
     "cross_validate",
     "evaluate",
     "fit",

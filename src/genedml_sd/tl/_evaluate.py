@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -132,7 +133,7 @@ def observed_and_predicted(
     *,
     pred_key: str = "gd_predictions",
     table_key: str | None = None,
-    genes: Sequence[str] | None = None,
+    genes: Sequence[str] | Literal["shared"] | None = None,
     layer: str | None = None,
 ) -> PairedExpression:
     """Align a prediction table with the observed counts of the same spots, log-normalised as in training.
@@ -146,19 +147,33 @@ def observed_and_predicted(
     table_key
         Name of the counts table; inferred as the one counts table annotating the same spots.
     genes
-        Genes to return (default: every predicted gene); each must be predicted and measured.
+        Genes to return: default every predicted gene (each must be measured); ``"shared"`` the
+        predicted genes the counts table measures, in the prediction table's order (a warning when
+        fewer than half are); or a list, each predicted and measured.
     layer
         Layer of the counts table holding raw counts (default ``X``).
 
     Returns
     -------
     Observed and predicted (n_obs, n_genes) arrays in shapes order, with the names of the elements used.
+
+    Raises
+    ------
+    KeyError
+        A gene asked for is not predicted, or (without ``genes="shared"``) not measured.
+    ValueError
+        ``genes="shared"`` and the tables have no gene in common.
     """
     aligned = aligned_tables(sdata, pred_key, table_key)
     pred_table = sdata.tables[pred_key]
     info = pred_table.uns.get(ATTRS_KEY, {})
     if float(info.get("normalization", {}).get("target_sum", TARGET_SUM)) != TARGET_SUM:
         raise ValueError(f"Prediction table {pred_key!r} was made with another normalisation target sum.")
+    obs_table = sdata.tables[aligned.table_key]
+    if isinstance(genes, str) and genes == "shared":
+        genes = _shared_genes(pred_table, obs_table, pred_key, aligned.table_key)
+    elif isinstance(genes, str):
+        raise ValueError(f"genes must be None, 'shared' or a list of gene names, got {genes!r}.")
     genes = list(pred_table.var_names) if genes is None else [str(g) for g in genes]
     missing = [g for g in genes if g not in pred_table.var_names]
     if missing:
@@ -166,7 +181,13 @@ def observed_and_predicted(
             f"Genes {missing} are not among the var_names of prediction table {pred_key!r} "
             f"({pred_table.n_vars} genes, e.g. {list(pred_table.var_names[:5])})."
         )
-    obs_table = sdata.tables[aligned.table_key]
+    unmeasured = [g for g in genes if g not in obs_table.var_names]
+    if unmeasured:
+        raise KeyError(
+            f"{len(unmeasured)} of {len(genes)} predicted genes are not measured in table {aligned.table_key!r} "
+            f"(e.g. {unmeasured[:10]}); pass genes='shared' to score the {int(pred_table.var_names.isin(obs_table.var_names).sum())} "
+            "genes both tables have."
+        )
     observed = normalized_expression(
         obs_table[aligned.obs_rows], genes, table_key=aligned.table_key, layer=layer, slide=aligned.shapes_key
     )
@@ -177,11 +198,29 @@ def observed_and_predicted(
     )
 
 
+def _shared_genes(pred_table: Any, obs_table: Any, pred_key: str, table_key: str) -> list[str]:
+    shared = pred_table.var_names[pred_table.var_names.isin(obs_table.var_names)]
+    if len(shared) == 0:
+        raise ValueError(
+            f"Prediction table {pred_key!r} ({pred_table.n_vars} genes, e.g. {list(pred_table.var_names[:5])}) and "
+            f"counts table {table_key!r} (e.g. {list(obs_table.var_names[:5])}) have no gene in common."
+        )
+    if len(shared) < 0.5 * pred_table.n_vars:
+        warnings.warn(
+            f"Scoring {len(shared)} of the {pred_table.n_vars} predicted genes of {pred_key!r}: the others are not "
+            f"measured in {table_key!r}. Summaries over so few genes are not comparable with full-panel scores.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return list(shared)
+
+
 def evaluate(
     sdata: SpatialData,
     *,
     pred_key: str = "gd_predictions",
     table_key: str | None = None,
+    genes: Sequence[str] | Literal["shared"] | None = None,
     layer: str | None = None,
     reference_ranking: Sequence[str] | None = None,
     n_top: int = N_TOP,
@@ -201,6 +240,10 @@ def evaluate(
     table_key
         Name of the counts table; inferred as the one table annotating the same spots that is not a
         prediction table.
+    genes
+        Genes to score: default every predicted gene (each must be measured, else a ``KeyError``
+        suggesting ``"shared"``); ``"shared"`` the predicted genes the counts table measures (e.g. a
+        model trained on another panel), with a warning when that is fewer than half; or a list.
     layer
         Layer of the counts table holding raw counts (default ``X``).
     reference_ranking
@@ -216,7 +259,7 @@ def evaluate(
     -------
     The per-gene metrics and the summary (see :class:`Evaluation`).
     """
-    paired = observed_and_predicted(sdata, pred_key=pred_key, table_key=table_key, layer=layer)
+    paired = observed_and_predicted(sdata, pred_key=pred_key, table_key=table_key, genes=genes, layer=layer)
     table_key, genes, obs, pred = paired.table_key, paired.genes, paired.observed, paired.predicted
     pred_table = sdata.tables[pred_key]
     info = pred_table.uns.get(ATTRS_KEY, {})

@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 
 from genedml_sd import __version__
-from genedml_sd._spatial import ATTRS_KEY, PREDICTIONS_KIND, sample_info
+from genedml_sd._spatial import (
+    ATTRS_KEY,
+    PREDICTIONS_KIND,
+    get_pixel_size,
+    sample_info,
+    spot_radius_px,
+    tables_annotating,
+)
 
 from ._data import resolve_slide_keys
 from ._model import TrainedModel
@@ -23,6 +30,9 @@ if TYPE_CHECKING:
     from genedml_sd.tiling import TileGeometry
 
 logger = logging.getLogger(__name__)
+
+FEW_SHARED_GENES = 0.5
+"""``predict`` warns when a counts table of the slide measures fewer than this fraction of the model's genes."""
 
 
 def predict(
@@ -40,6 +50,7 @@ def predict(
     num_workers: int | None = None,
     device: str | None = None,
     inplace: bool = True,
+    overview_px: int | None = 2000,
 ) -> AnnData | None:
     """Predict gene expression for every spot and add it as a table annotating the spots.
 
@@ -65,20 +76,35 @@ def predict(
     cache_dir, num_workers, device
         Feature cache location, tile-decoding workers, and torch device.
     inplace
-        Add the table to ``sdata`` (default) and return ``None``; with ``False`` return it only.
+        Add the table to ``sdata`` (default) and return ``None``; with ``False`` return it only. When
+        ``sdata`` is backed by a zarr store the new table is also written to it (only that element).
+    overview_px
+        Longest side (px) of the image copy stored in ``uns["spatial"]`` so that scanpy / squidpy plots
+        (``sq.pl.spatial_scatter(table, color=gene)``) draw the tissue; ``None`` stores no image.
 
     Returns
     -------
     ``None``, or the table if ``inplace=False``. The table has predicted log-normalised expression
     in ``X`` (spots x genes, ``var_names`` = the model's genes), ``obs`` with the region and instance
     columns linking each row to a spot (``TableModel`` metadata set), ``obsm["spatial"]`` spot centres
-    in µm, and run metadata in ``uns["genedml_sd"]``.
+    in µm of the image's full-resolution pixel frame, run metadata in ``uns["genedml_sd"]``, and
+    ``uns["spatial"][library_id]`` in the scanpy / squidpy layout: ``images["hires"]`` (an overview of
+    the image), ``scalefactors`` with ``tissue_hires_scalef`` (overview px per µm, since coordinates are
+    in µm) and ``spot_diameter_fullres`` (median observation diameter, µm). ``library_id`` is the
+    section name.
+
+    Warns
+    -----
+    UserWarning
+        When a counts table of the slide measures fewer than half of the model's genes (another
+        species or gene panel?); :func:`~genedml_sd.tl.evaluate` with ``genes="shared"`` scores the
+        genes both have.
     """
     from spatialdata.models import TableModel
 
     if not isinstance(model, TrainedModel):
         raise TypeError(f"model must be a TrainedModel from gd.tl.fit, got {type(model).__name__}.")
-    if inplace and key_added in sdata.tables and not overwrite:
+    if inplace and not overwrite and (key_added in sdata.tables or _on_disk(sdata, key_added)):
         raise KeyError(f"Table {key_added!r} already exists; pass overwrite=True to replace it, or another key_added.")
     if inplace and key_added in sdata and key_added not in sdata.tables:
         raise KeyError(f"{key_added!r} already names a non-table element of this SpatialData.")
@@ -86,6 +112,7 @@ def predict(
         raise ValueError(f"geometry {geometry} differs from the model's tile geometry {model.geometry}.")
     keys = resolve_slide_keys(sdata, image_key, shapes_key, None, need_table=False)
 
+    _warn_few_shared_genes(sdata, keys.shapes_key, model.genes)
     if encoder is None:
         encoder = model.encoder.load(hf_token=hf_token)
     model.encoder.check(encoder)
@@ -112,14 +139,44 @@ def predict(
     table = AnnData(X=pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(model.genes)))
     table.obsm["spatial"] = feats.coords_um.astype(np.float64)
     table.uns[ATTRS_KEY] = _run_metadata(model, keys, info)
+    if overview_px is not None:
+        library_id = keys.image_key  # as spatialdata-io's to_legacy_anndata names it
+        radii_um = spot_radius_px(sdata, keys.shapes_key, keys.image_key) * get_pixel_size(sdata, keys.image_key)
+        diameter_um = 2 * float(np.median(radii_um))
+        table.uns["spatial"] = _scanpy_spatial(sdata, keys.image_key, library_id, diameter_um, overview_px)
     table = TableModel.parse(table, region=keys.shapes_key, region_key="region", instance_key="spot_id")
     if not inplace:
         return table
-    if key_added in sdata.tables:
-        del sdata.tables[key_added]
-    sdata.tables[key_added] = table
-    logger.info("Added table %r: %d spots x %d genes", key_added, table.n_obs, table.n_vars)
+    store_table(sdata, key_added, table, overwrite)
     return None
+
+
+def store_table(sdata: SpatialData, key: str, table: AnnData, overwrite: bool) -> None:
+    """Add ``table`` as ``sdata.tables[key]``, replacing one of that name only with ``overwrite``.
+
+    When ``sdata`` is backed by a zarr store, the table is also written to it as one element
+    (``SpatialData.write_element``), as sopa does, so a 10^6-row table never needs the whole object
+    rewritten; the rest of the store is not touched. A table of that name on disk is replaced only
+    with ``overwrite`` (checked before anything changes).
+    """
+    if not overwrite and (key in sdata.tables or _on_disk(sdata, key)):
+        where = "" if key in sdata.tables else f" in the zarr store {sdata.path}"
+        raise KeyError(f"Table {key!r} already exists{where}; pass overwrite=True to replace it, or another key_added.")
+    if key in sdata.tables:
+        del sdata.tables[key]
+    sdata.tables[key] = table
+    logger.info("Added table %r: %d observations x %d genes", key, table.n_obs, table.n_vars)
+    if sdata.is_backed():
+        if _on_disk(sdata, key):  # spatialdata refuses to overwrite inside its own store: delete, then write
+            sdata.delete_element_from_disk(key)
+        sdata.write_element(key)
+        logger.info("Wrote table %r to %s", key, sdata.path)
+
+
+def _on_disk(sdata: SpatialData, key: str) -> bool:
+    from pathlib import Path
+
+    return sdata.path is not None and (Path(sdata.path) / "tables" / key).exists()
 
 
 def _run_metadata(model: TrainedModel, keys: Any, info: dict[str, Any]) -> dict[str, Any]:
@@ -143,3 +200,40 @@ def _run_metadata(model: TrainedModel, keys: Any, info: dict[str, Any]) -> dict[
         # genes ranked on training data only: the leak-free PCC(H) of gd.tl.evaluate uses it
         meta["gene_ranking"] = list(model.training["gene_ranking"])
     return meta
+
+
+def _warn_few_shared_genes(sdata: SpatialData, shapes_key: str, genes: list[str]) -> None:
+    """Warn when the slide's counts tables measure few of the model's genes (e.g. a mouse slide, a human model)."""
+    import warnings
+
+    wanted = pd.Index(genes)
+    for name in tables_annotating(sdata, shapes_key):
+        shared = wanted.isin(sdata.tables[name].var_names)
+        if shared.mean() < FEW_SHARED_GENES:
+            warnings.warn(
+                f"Table {name!r} of {shapes_key!r} measures only {int(shared.sum())} of the model's {len(genes)} "
+                f"genes (missing e.g. {list(wanted[~shared][:5])}): is the slide from another species or gene "
+                "panel? Predictions are made for all of the model's genes; gd.tl.evaluate(..., genes='shared') "
+                "scores the genes both have.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _scanpy_spatial(
+    sdata: SpatialData, image_key: str, library_id: str, diameter_um: float, max_px: int
+) -> dict[str, Any]:
+    """``uns["spatial"]`` in the scanpy / squidpy layout for coordinates in µm of the image's pixel frame."""
+    from genedml_sd.tiling import SlideReader
+
+    rgb, um_per_px = SlideReader.from_sdata(sdata, image_key).overview(max_px)
+    return {
+        library_id: {
+            "images": {"hires": rgb},
+            "scalefactors": {
+                "tissue_hires_scalef": 1.0 / float(np.sqrt(um_per_px[0] * um_per_px[1])),
+                "spot_diameter_fullres": diameter_um,
+            },
+            "metadata": {"image_key": image_key, "coordinates": "µm", "hires_um_per_px": list(um_per_px)},
+        }
+    }
