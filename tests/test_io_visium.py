@@ -10,10 +10,9 @@ import pytest
 
 import genedml_sd as gd
 from genedml_sd._spatial import image_levels, spot_radius_px, spots_to_pixels
-
-from ._layouts.her2st import her2st_b4
-from ._layouts.tenx import write_pyramid_tiff
-from ._layouts.visium import write_visium
+from genedml_sd.datasets._layouts.her2st import her2st_b4
+from genedml_sd.datasets._layouts.tenx import write_pyramid_tiff
+from genedml_sd.datasets._layouts.visium import write_visium
 
 LIB = "HER2ST_B4_visium"
 

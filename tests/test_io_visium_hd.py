@@ -12,9 +12,8 @@ import pytest
 
 import genedml_sd as gd
 from genedml_sd._spatial import affine_to_pixels, image_levels
-
-from ._layouts.her2st import her2st_b4
-from ._layouts.visium_hd import ANGLE_DEG, CROP_PX, write_visium_hd
+from genedml_sd.datasets._layouts.her2st import her2st_b4
+from genedml_sd.datasets._layouts.visium_hd import ANGLE_DEG, CROP_PX, write_visium_hd
 
 LIB = "HER2ST_B4_hd"
 

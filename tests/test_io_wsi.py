@@ -10,10 +10,9 @@ import pytest
 
 import genedml_sd as gd
 from genedml_sd._spatial import image_levels
-
-from ._layouts.her2st import her2st_b4
-from ._layouts.tenx import write_pyramid_tiff
-from ._layouts.wsi import write_huge, write_svs
+from genedml_sd.datasets._layouts.her2st import her2st_b4
+from genedml_sd.datasets._layouts.tenx import write_pyramid_tiff
+from genedml_sd.datasets._layouts.wsi import write_huge, write_svs
 
 WINDOW = (1234, 987)  # x, y of a 224 px window, level 0
 

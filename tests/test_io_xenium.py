@@ -10,9 +10,8 @@ import pytest
 
 import genedml_sd as gd
 from genedml_sd._spatial import image_levels, spot_radius_px, spots_to_pixels
-
-from ._layouts.her2st import her2st_b4
-from ._layouts.xenium import PIXEL_SIZE, write_xenium
+from genedml_sd.datasets._layouts.her2st import her2st_b4
+from genedml_sd.datasets._layouts.xenium import PIXEL_SIZE, write_xenium
 
 ID = "HER2ST_B4_region"
 
