@@ -183,7 +183,7 @@ def visium(
     Notes
     -----
     File names and keys as spatialdata-io 0.7.1 reads them; tested on Space Ranger 1 and 2+ layouts written
-    from real HER2ST pixels and counts (``tests/_layouts/visium.py``).
+    from real HER2ST pixels and counts (``gd.datasets.visium_layout``).
     """
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity, Scale

@@ -158,7 +158,7 @@ def visium_hd(
 
     Notes
     -----
-    File names and keys as spatialdata-io 0.7.1 reads them (``tests/_layouts/visium_hd.py`` writes the layout).
+    File names and keys as spatialdata-io 0.7.1 reads them (``gd.datasets.visium_hd_layout`` writes the layout).
     """
     from geopandas import GeoDataFrame
     from shapely import polygons

@@ -167,7 +167,7 @@ def xenium(
     Notes
     -----
     Files and keys as spatialdata-io 0.7.1 reads them for Xenium Onboard Analysis 2.x (``cells.zarr.zip`` with
-    ``polygon_sets``; ``tests/_layouts/xenium.py`` writes the layout).
+    ``polygon_sets``; ``gd.datasets.xenium_layout`` writes the layout).
     """
     from anndata import AnnData
     from spatialdata.models import ShapesModel
