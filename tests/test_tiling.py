@@ -111,6 +111,18 @@ def test_border_tiles_are_padded_white():
     assert x[10, 6] == 0 and y[6, 10] == 0
 
 
+def test_regions_wholly_outside_the_image_are_white():
+    # regression: a window left of or above the image gave a negative slice end, read from the far side
+    levels = [coordinate_image(256, 256)]
+    s = make_sdata(levels, [[2.0, 2.0]], um_per_px=1.0)
+    reader = SpotTiler(s, geometry=TileGeometry(tile_um=16, tile_px=16, grid=1)).reader
+    far = np.array([[-100.0, 50.0], [50.0, -100.0], [400.0, 50.0], [-100.0, -100.0], [50.0, 50.0]])
+    tiles = reader.read_regions(far, 16, 16)
+    assert (tiles[:4] == 255).all()
+    x, y = decode_coordinates(tiles[4])
+    assert x[0, 0] == 42 and y[0, 0] == 42  # the inside region is still read where it is
+
+
 def test_resampling_scale_matches_pil_crop_on_real_section(b4, her2st_root, her2st_index):
     from PIL import Image
 

@@ -57,10 +57,16 @@ geometry
     Tile geometry; default 112 µm / 224 px tiles and a 5x5 neighbour grid.""",
     "feature_mode": """\
 feature_mode
+    ``"auto"`` (default) picks the cheapest faithful mode from the encoder calls each would cost
+    (logged): ``"dense"`` when observations are denser than tiles (Visium HD bins, cells),
+    ``"lattice"`` for spots when the model reads neighbour tokens, else ``"spot"``.
     ``"spot"`` encodes every spot's 5x5 neighbour grid (the paper's, 25 encoder calls per spot);
     ``"lattice"`` encodes a 112 µm lattice over the tissue once and gathers each spot's neighbour
-    tokens from it (about 5 calls per spot on a 200 µm lattice; tokens shifted by at most 79 µm).
-    Predictions use the mode the model was trained with.""",
+    tokens from it, with an exact spot-centred local tile (about 5 calls per spot on a 200 µm
+    lattice; tokens shifted by at most 79 µm); ``"dense"`` encodes only the lattice and reads each
+    observation's local feature from it at the observation's position (ViT patch tokens / CNN
+    feature maps interpolated, else the covering tile), so encoder calls grow with tissue area, not
+    with observations (about 0.005 per 8 µm bin). Predictions use the mode the model was trained with.""",
     "extraction": """\
 cache_dir
     Feature cache location (default ``gd.settings.cache_dir / "features"``).

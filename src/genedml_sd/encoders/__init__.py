@@ -4,10 +4,13 @@
 and log in, or pass ``weights=`` a local file); ``load_encoder("stain-texture")`` is a weight-free
 H&E descriptor that works offline. :func:`extract_features` encodes the spots of a slide and caches
 the features on disk, keyed by the slide, the encoder's :attr:`FrozenEncoder.fingerprint` and the
-tile geometry.
+tile geometry; its ``mode="dense"`` gives observations smaller than a tile (Visium HD bins, cells) a
+feature at their own position from a tile lattice encoded once, and :func:`encoder_calls` tells, from
+metadata only, how many tiles each mode would encode.
 """
 
 from ._catalogue import UnknownEncoderError, get_spec, list_encoders, load_encoder, register_encoder
+from ._dense import encoder_calls
 from ._distributed import extract_features_sharded, process_rank
 from ._extract import SpotFeatures, extract_features
 from ._frozen import FrozenEncoder
@@ -20,6 +23,7 @@ __all__ = [
     "FrozenEncoder",
     "SpotFeatures",
     "UnknownEncoderError",
+    "encoder_calls",
     "extract_features",
     "extract_features_sharded",
     "get_spec",

@@ -1,7 +1,9 @@
 """The on-disk feature cache: one folder per key, verified when read, published atomically when written.
 
-An entry ``<root>/<key>/`` holds ``local.npy`` (n_spots, D), optionally ``neighbour.npy``
-(n_spots, grid**2, D), both float32, and ``meta.json``, which records the size in bytes and the
+An entry ``<root>/<key>/`` holds ``local.npy`` (n_spots, D) float32, optionally the neighbour
+tokens, either per spot, ``neighbour.npy`` (n_spots, grid**2, D) float32, or, in the dense feature
+mode, as lattice-tile features ``tokens.npy`` (n_tokens, D) float32 and their rows
+``token_index.npy`` (n_spots, grid**2) int64, and ``meta.json``, which records the size in bytes and the
 SHA-256 of each array file, computed once when the entry is written. Reading checks the metadata,
 the sizes, the hashes, the ``.npy`` headers and the shapes; an entry that fails any check
 (truncated, zeroed or replaced in place, unreadable) is logged as a warning naming the file and
@@ -46,7 +48,7 @@ HASH = "sha256"
 STALE_TMP_SECONDS = 3600.0
 """A temporary folder whose writer cannot be checked (another host) is stale after this long untouched."""
 
-ARRAYS = ("local.npy", "neighbour.npy")
+ARRAYS = ("local.npy", "neighbour.npy", "tokens.npy", "token_index.npy")
 
 _VERIFIED: dict[tuple, str] = {}  # (path, size, inode, mtime_ns, ctime_ns) -> digest, for files hashed in this process
 _MAX_VERIFIED = 4096
@@ -55,12 +57,18 @@ _SETTLED_NS = 2_000_000_000
 
 @dataclass
 class CacheEntry:
-    """A verified cache entry: its folder, metadata and arrays (``neighbour`` memory-mapped read-only)."""
+    """A verified cache entry: its folder, metadata and arrays (all but ``local`` memory-mapped read-only).
+
+    ``tokens`` (n_tokens, D) and ``token_index`` (n_spots, grid**2) are set for dense neighbour entries,
+    ``neighbour`` (n_spots, grid**2, D) for the others.
+    """
 
     folder: Path
     meta: dict
     local: np.ndarray
     neighbour: np.ndarray | None
+    tokens: np.ndarray | None = None
+    token_index: np.ndarray | None = None
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -95,7 +103,9 @@ def _bad(path: Path, why: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def read_entry(root: Path, key: str, *, n_spots: int, dim: int, n_neighbours: int | None) -> CacheEntry | None:
+def read_entry(
+    root: Path, key: str, *, n_spots: int, dim: int, n_neighbours: int | None, dense: bool = False
+) -> CacheEntry | None:
     """The cache entry ``root / key`` if it exists and passes every check, else ``None``.
 
     Parameters
@@ -108,6 +118,9 @@ def read_entry(root: Path, key: str, *, n_spots: int, dim: int, n_neighbours: in
         Expected number of spots and feature width D.
     n_neighbours
         Expected neighbour tokens per spot; ``None`` to read (and verify) only the local features.
+    dense
+        The neighbour tokens are ``tokens.npy`` (``meta["n_tokens"]`` rows) gathered through
+        ``token_index.npy`` (every index in ``[0, n_tokens)``), not ``neighbour.npy``.
 
     Returns
     -------
@@ -143,6 +156,8 @@ def read_entry(root: Path, key: str, *, n_spots: int, dim: int, n_neighbours: in
     local = _load_verified(folder / "local.npy", files, (n_spots, dim), mmap=False)
     if local is None:
         return None
+    if n_neighbours is not None and dense:
+        return _read_dense(folder, meta, files, local, n_spots=n_spots, dim=dim, n_neighbours=n_neighbours)
     neighbour = None
     if n_neighbours is not None:
         # memory-mapped: (N, 25, D) float32 is 10 GB for 10^5 spots at D=1024; pages are read as used
@@ -152,7 +167,29 @@ def read_entry(root: Path, key: str, *, n_spots: int, dim: int, n_neighbours: in
     return CacheEntry(folder, meta, local, neighbour)
 
 
-def _load_verified(path: Path, files: dict, shape: tuple[int, ...], *, mmap: bool) -> np.ndarray | None:
+def _read_dense(
+    folder: Path, meta: dict, files: dict, local: np.ndarray, *, n_spots: int, dim: int, n_neighbours: int
+) -> CacheEntry | None:
+    n_tokens = meta.get("n_tokens")
+    if not isinstance(n_tokens, int) or n_tokens < 0:
+        _bad(folder / "meta.json", f"records no valid n_tokens (found {n_tokens!r})")
+        return None
+    tokens = _load_verified(folder / "tokens.npy", files, (n_tokens, dim), mmap=True)
+    if tokens is None:
+        return None
+    index_file = folder / "token_index.npy"
+    token_index = _load_verified(index_file, files, (n_spots, n_neighbours), mmap=True, dtype=np.int64)
+    if token_index is None:
+        return None
+    if token_index.size and (int(token_index.min()) < 0 or int(token_index.max()) >= n_tokens):
+        _bad(index_file, f"holds rows outside [0, {n_tokens})")
+        return None
+    return CacheEntry(folder, meta, local, None, tokens, token_index)
+
+
+def _load_verified(
+    path: Path, files: dict, shape: tuple[int, ...], *, mmap: bool, dtype: type = np.float32
+) -> np.ndarray | None:
     record = files.get(path.name)
     if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) or not record.get(HASH):
         _bad(path, "has no size and hash in meta.json")
@@ -174,8 +211,8 @@ def _load_verified(path: Path, files: dict, shape: tuple[int, ...], *, mmap: boo
     except (OSError, ValueError, EOFError) as err:
         _bad(path, f"is not a readable .npy file ({type(err).__name__}: {err})")
         return None
-    if arr.shape != shape or arr.dtype != np.float32:
-        _bad(path, f"holds {arr.dtype} {arr.shape}, expected float32 {shape}")
+    if arr.shape != shape or arr.dtype != dtype:
+        _bad(path, f"holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}")
         return None
     return arr
 
@@ -199,6 +236,7 @@ class EntryWriter:
         self.tmp = self.root / f".{key}.{_owner_tag()}.tmp"
         self.tmp.mkdir()
         self._n_neighbours: int | None = None
+        self._dense = False
 
     @property
     def folder(self) -> Path:
@@ -213,7 +251,15 @@ class EntryWriter:
         self._n_neighbours = int(shape[1])
         return np.lib.format.open_memmap(self.tmp / "neighbour.npy", mode="w+", dtype=np.float32, shape=shape)
 
-    def commit(self, local: np.ndarray, neighbour: np.ndarray | None, meta: dict) -> bool:
+    def commit(
+        self,
+        local: np.ndarray,
+        neighbour: np.ndarray | None,
+        meta: dict,
+        *,
+        tokens: np.ndarray | None = None,
+        token_index: np.ndarray | None = None,
+    ) -> bool:
         """Write the arrays and ``meta.json`` (with sizes and hashes) and publish the entry.
 
         Parameters
@@ -224,17 +270,27 @@ class EntryWriter:
             Neighbour features (n_spots, grid**2, D), or ``None`` (no neighbours, or written
             through :meth:`open_neighbour`).
         meta
-            Metadata to store; ``format`` and ``files`` are added.
+            Metadata to store; ``format`` and ``files`` are added (and ``n_tokens`` with ``tokens``).
+        tokens, token_index
+            Dense-mode neighbour tokens: lattice-tile features float32 (n_tokens, D) and the rows of
+            each spot's tokens int64 (n_spots, grid**2); both or neither, and then ``neighbour=None``.
 
         Returns
         -------
         ``True`` if this entry was published, ``False`` if another process published a valid
         entry under the same key first (this one is then discarded; read the other).
         """
+        if (tokens is None) != (token_index is None) or (tokens is not None and neighbour is not None):
+            raise ValueError("Pass tokens and token_index together, and then no neighbour array.")
         np.save(self.tmp / "local.npy", local)
         if neighbour is not None:
             np.save(self.tmp / "neighbour.npy", neighbour)
             self._n_neighbours = int(neighbour.shape[1])
+        if tokens is not None and token_index is not None:
+            np.save(self.tmp / "tokens.npy", np.asarray(tokens, dtype=np.float32))
+            np.save(self.tmp / "token_index.npy", np.asarray(token_index, dtype=np.int64))
+            self._n_neighbours, self._dense = int(token_index.shape[1]), True
+            meta = {**meta, "n_tokens": int(tokens.shape[0])}
         files = {}
         for name in ARRAYS:
             path = self.tmp / name
@@ -251,7 +307,10 @@ class EntryWriter:
             except OSError:  # the key exists: another writer won, or an old or damaged entry is there
                 if not self.tmp.exists():
                     raise
-            if read_entry(self.root, self.key, n_spots=n_spots, dim=dim, n_neighbours=n_neighbours) is not None:
+            entry = read_entry(
+                self.root, self.key, n_spots=n_spots, dim=dim, n_neighbours=n_neighbours, dense=self._dense
+            )
+            if entry is not None:
                 logger.info("Feature cache entry %s was written by another process; using it.", self.folder)
                 self.discard()
                 return False

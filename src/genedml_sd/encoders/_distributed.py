@@ -116,7 +116,7 @@ def extract_features_sharded(
     root = Path(cache_dir) if cache_dir is not None else settings.cache_dir / "features"
     geometry = kwargs.get("geometry") or TileGeometry()
     neighbours = kwargs.get("neighbours", True)
-    mode = kwargs.get("mode", "spot") if neighbours else "spot"
+    mode = kwargs.get("mode", "spot")  # feature_cache_key maps local-only spot / lattice requests to one key
     deadline = time.monotonic() + timeout
     for i in range(len(slides)):
         if i in out:

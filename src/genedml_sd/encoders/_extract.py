@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +17,8 @@ from genedml_sd._spatial import image_levels
 from genedml_sd.tiling import LATTICE_VERSION, LatticeTiler, SpotTiler, TileGeometry, plan_lattice, tile_loader
 
 from ._cache import CacheEntry, EntryWriter, read_entry
+from ._dense import DENSE_VERSION, extract_dense
+from ._frozen import autocast_context as _autocast
 
 if TYPE_CHECKING:
     import torch
@@ -27,19 +28,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODES = ("spot", "lattice")
+MODES = ("spot", "lattice", "dense")
+
+_SPOT_CENTRED = ("spot", "lattice")  # modes whose local features are the spot-centred tiles
 
 
 @dataclass
 class SpotFeatures:
-    """Frozen-encoder features of the spots of one slide.
+    """Frozen-encoder features of the spots (observations) of one slide.
 
     Attributes
     ----------
     local
-        Local-tile features, float32 (n_spots, D).
+        Local features, float32 (n_spots, D): of the spot-centred tile (modes ``"spot"``,
+        ``"lattice"``) or read at the spot's position in its lattice tile (``"dense"``).
     neighbour
-        Features of the ``grid x grid`` neighbour tiles, float32 (n_spots, grid**2, D), or ``None``.
+        Features of the ``grid x grid`` neighbour tiles, float32 (n_spots, grid**2, D), or ``None``
+        (``neighbours=False``, and always in mode ``"dense"``, which gives ``tokens`` and
+        ``token_index`` instead; :meth:`neighbour_tokens` gathers them in every mode).
     coords_um
         Spot centres in µm in the image's full-resolution pixel frame (``x, y``), (n_spots, 2).
     spot_ids
@@ -50,7 +56,14 @@ class SpotFeatures:
         Tiles the encoder ran on to compute these features (recorded in the cache, so also set on a
         cache hit; ``None`` for caches written before it was recorded).
     mode
-        ``"spot"`` or ``"lattice"`` (see :func:`extract_features`).
+        ``"spot"``, ``"lattice"`` or ``"dense"`` (see :func:`extract_features`).
+    tokens
+        Mode ``"dense"`` with neighbours: pooled features of the lattice tiles, float32 (n_tokens, D);
+        ``None`` otherwise.
+    token_index
+        Mode ``"dense"`` with neighbours: row of ``tokens`` of each spot's neighbour token, int64
+        (n_spots, grid**2), token ``t = row * grid + col`` as in ``neighbour``; the centre token is the
+        lattice tile containing the spot. ``None`` otherwise.
     """
 
     local: np.ndarray
@@ -60,6 +73,8 @@ class SpotFeatures:
     key: str
     n_encoded_tiles: int | None = None
     mode: str = "spot"
+    tokens: np.ndarray | None = None
+    token_index: np.ndarray | None = None
 
     @property
     def n_spots(self) -> int:
@@ -70,6 +85,26 @@ class SpotFeatures:
     def dim(self) -> int:
         """Feature width D."""
         return self.local.shape[1]
+
+    def neighbour_tokens(self, indices: np.ndarray | slice | None = None) -> np.ndarray | None:
+        """Neighbour tokens of some spots, float32 (n, grid**2, D), in every mode; ``None`` without neighbours.
+
+        Parameters
+        ----------
+        indices
+            Spot rows (default: all). In mode ``"dense"`` the tokens are gathered from ``tokens``
+            (select few spots at a time: all of them is ``n_spots * grid**2 * D`` floats).
+
+        Returns
+        -------
+        The tokens, token ``t = row * grid + col``; ``None`` when the features have no neighbour tokens.
+        """
+        sel = slice(None) if indices is None else indices
+        if self.neighbour is not None:
+            return np.asarray(self.neighbour[sel])
+        if self.tokens is None or self.token_index is None:
+            return None
+        return np.asarray(self.tokens)[np.asarray(self.token_index[sel])]
 
     @property
     def encoded_tiles_per_spot(self) -> float | None:
@@ -118,26 +153,17 @@ def feature_cache_key(tiler: SpotTiler, encoder: FrozenEncoder, neighbours: bool
     """Cache key combining slide fingerprint, encoder fingerprint, tile geometry and feature mode.
 
     The lattice mode only changes neighbour tokens, so local-only features share the spot-mode key;
-    the spot-mode keys are those of earlier versions (existing caches stay valid).
+    the spot-mode keys are those of earlier versions (existing caches stay valid). Dense keys (with
+    or without neighbours) also name the dense definition and whether the local features are
+    interpolated from token grids (:attr:`FrozenEncoder.has_token_grid`).
     """
     parts = [slide_fingerprint(tiler), encoder.fingerprint, tiler.geometry.key(), "nb" if neighbours else "local"]
     if neighbours and mode == "lattice":
         parts.append(LATTICE_VERSION)
+    if mode == "dense":
+        interp = "tokens" if getattr(encoder, "has_token_grid", False) else "pooled"
+        parts += [LATTICE_VERSION, DENSE_VERSION, interp]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    import torch
-
-    if precision == "32" or (precision == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    if precision in ("bf16", "auto"):
-        dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    elif precision == "16":
-        dtype = torch.float16
-    else:
-        raise ValueError(f"precision must be 'auto', '32', '16' or 'bf16', got {precision!r}.")
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _encode(
@@ -195,7 +221,17 @@ def extract_features(
         offset, at most ``tile_um * sqrt(2) / 2``, 79 µm for 112 µm tiles). The local feature, and the
         centre token, stay the exact spot-centred tile. Calls per spot: 1 + lattice tiles / spots
         (about 5 instead of 25 on HER2ST). Same shapes and token order as ``"spot"``; ignored when
-        ``neighbours=False``. See :class:`~genedml_sd.tiling.LatticeTiler`.
+        ``neighbours=False``. See :class:`~genedml_sd.tiling.LatticeTiler`. ``"dense"``, for
+        observations smaller than or as dense as a tile (Visium HD bins, cells): no tile is cut per
+        spot; the same lattice is encoded once (only the tiles containing a spot when
+        ``neighbours=False``) and each spot's local feature is read at its own position in the
+        lattice tile containing its centre: the bilinear interpolation of that tile's token grid
+        (:meth:`FrozenEncoder.token_grid`, e.g. 14 x 14 cells of 8 µm for a ViT-x/16 on 112 µm
+        tiles; border cells extended), or that tile's pooled feature for encoders without one
+        (:attr:`FrozenEncoder.has_token_grid`). Neighbour tokens are the lattice tiles' pooled
+        features ``tokens`` (n_tokens, D) with rows ``token_index`` (n_spots, grid**2) instead of a
+        ``neighbour`` array; the centre token is the containing tile. Calls: lattice tiles, whatever
+        the number of spots (see :func:`encoder_calls`).
     batch_size
         Spots per tile batch read by a worker (a neighbour batch holds ``batch_size * grid**2`` tiles;
         a lattice batch as many lattice tiles).
@@ -227,19 +263,26 @@ def extract_features(
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    if not neighbours:
+    if not neighbours and mode == "lattice":
         mode = "spot"  # local tiles are spot-centred in both modes
     tiler = SpotTiler(sdata, image_key, shapes_key, geometry)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     coords_um = tiler.centres_px(0) * tiler.um_per_px0
     root = Path(cache_dir) if cache_dir is not None else settings.cache_dir / "features"
     key = feature_cache_key(tiler, encoder, neighbours, mode)
+    dense = mode == "dense"
+    n_nb = tiler.geometry.n_neighbours if neighbours else None
     if use_cache:
-        # a neighbour cache (of either mode: both hold spot-centred local features) also holds the local ones
-        candidates = [key] if neighbours else [feature_cache_key(tiler, encoder, True, m) for m in MODES] + [key]
+        # a neighbour cache also holds the local features: of either spot-centred mode for a spot-centred
+        # request, a dense one for a dense request (dense local features differ from spot-centred ones)
+        candidates = [key]
+        if not neighbours:
+            modes = ("dense",) if dense else _SPOT_CENTRED
+            candidates = [feature_cache_key(tiler, encoder, True, m) for m in modes] + [key]
         for k in candidates:
-            n_nb = tiler.geometry.n_neighbours if neighbours else None
-            entry = read_entry(root, k, n_spots=tiler.n_spots, dim=encoder.embed_dim, n_neighbours=n_nb)
+            entry = read_entry(
+                root, k, n_spots=tiler.n_spots, dim=encoder.embed_dim, n_neighbours=n_nb, dense=dense and neighbours
+            )
             if entry is not None:
                 logger.info("Feature cache hit for %s (%s)", tiler.image_key, entry.folder)
                 return _from_entry(entry, tiler, coords_um, k, mode)
@@ -251,10 +294,16 @@ def extract_features(
         num_workers = settings.n_workers if dev.type == "cuda" else min(1, settings.n_workers)
     loader_kw = {"num_workers": num_workers, "pin_memory": dev.type == "cuda"}
     extra_meta: dict = {}
+    tokens = token_index = None
     # per-spot neighbour tokens go straight into the cache file: host memory stays bounded by the batch
     writer = EntryWriter(root, key) if use_cache and neighbours and mode == "spot" else None
     try:
-        if mode == "lattice":
+        if dense:
+            neighbour = None
+            local, tokens, token_index, n_encoded, extra_meta = extract_dense(
+                tiler, encoder, neighbours, dev, precision, batch_size, encode_batch_size, loader_kw
+            )
+        elif mode == "lattice":
             local, neighbour, n_encoded, extra_meta = _extract_lattice(
                 tiler, encoder, dev, precision, batch_size, encode_batch_size, loader_kw
             )
@@ -290,19 +339,30 @@ def extract_features(
             neighbour = None
         writer = writer or EntryWriter(root, key)
         try:
-            published = writer.commit(local, neighbour, meta)
+            published = writer.commit(local, neighbour, meta, tokens=tokens, token_index=token_index)
         except BaseException:
             writer.discard()
             raise
         if not published:  # another process wrote the same entry first: serve its files, as a cache hit would
-            n_nb = g.n_neighbours if neighbours else None
-            entry = read_entry(root, key, n_spots=tiler.n_spots, dim=encoder.embed_dim, n_neighbours=n_nb)
+            entry = read_entry(
+                root, key, n_spots=tiler.n_spots, dim=encoder.embed_dim, n_neighbours=n_nb, dense=dense and neighbours
+            )
             if entry is None:
                 raise RuntimeError(f"Feature cache entry {root / key} was removed while this process was using it.")
             return _from_entry(entry, tiler, coords_um, key, mode)
         if memmapped:
             neighbour = np.load(root / key / "neighbour.npy", mmap_mode="r")  # read-only, as a cache hit
-    return SpotFeatures(local, neighbour, coords_um, tiler.spot_ids, key, n_encoded_tiles=int(n_encoded), mode=mode)
+    return SpotFeatures(
+        local,
+        neighbour,
+        coords_um,
+        tiler.spot_ids,
+        key,
+        n_encoded_tiles=int(n_encoded),
+        mode=mode,
+        tokens=tokens,
+        token_index=token_index,
+    )
 
 
 def _from_entry(entry: CacheEntry, tiler: SpotTiler, coords_um: np.ndarray, key: str, mode: str) -> SpotFeatures:
@@ -314,6 +374,8 @@ def _from_entry(entry: CacheEntry, tiler: SpotTiler, coords_um: np.ndarray, key:
         key,
         n_encoded_tiles=entry.meta.get("n_encoded_tiles"),
         mode=mode,
+        tokens=entry.tokens,
+        token_index=entry.token_index,
     )
 
 

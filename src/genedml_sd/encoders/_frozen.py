@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,111 @@ class FrozenEncoder(nn.Module):
         -------
         Features (B, embed_dim), float32.
         """
+        x = self._normalise(x)
+        if self.spec.pool == "cls+mean":
+            tokens = self._forward_features(x)
+            n_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+            out = torch.cat([tokens[:, 0], tokens[:, n_prefix:].mean(1)], dim=1)
+        else:
+            out = self.backbone(x)
+        return out.float()
+
+    @property
+    def has_token_grid(self) -> bool:
+        """Whether :meth:`token_grid` gives a spatial feature grid for this encoder.
+
+        ``True`` for timm vision transformers (pools ``"token"``, ``"avg"`` and ``"cls+mean"``), timm
+        CNNs with pool ``"avg"`` and custom encoders with pool ``"cls+mean"`` (whose timm-like
+        ``forward_features`` gives the tokens); ``False`` for builtins (``stain-texture``) and other
+        custom callables.
+        """
+        return self._grid_kind() is not None
+
+    def _grid_kind(self) -> str | None:
+        b = self.backbone
+        if self.spec.builder == "builtin" or not callable(getattr(b, "forward_features", None)):
+            return None
+        if self.spec.pool == "cls+mean":
+            return "vit"  # forward() itself pools the tokens of forward_features
+        if self.spec.builder != "timm" or not callable(getattr(b, "forward_head", None)):
+            return None  # forward() is only known to be forward_head(forward_features(x)) for timm models
+        if hasattr(b, "num_prefix_tokens"):
+            return "vit"
+        return "cnn" if self.spec.pool == "avg" else None
+
+    def token_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and the spatial token grid of tiles, from one forward pass.
+
+        Parameters
+        ----------
+        x
+            RGB tiles (B, 3, H, W), as for :meth:`forward`.
+
+        Returns
+        -------
+        pooled
+            Features (B, embed_dim), float32, equal to ``forward(x)``.
+        grid
+            Token grid (B, embed_dim, h, w), float32: cell ``(v, u)`` (row, column) describes the
+            square of the tile centred at ``((u + 0.5) / w, (v + 0.5) / h)`` of its side (``x``, ``y``).
+            Vision transformers: the patch tokens after the final norm (and the ``fc_norm`` of
+            average-pooled models), prefix (class, register) tokens dropped, ``h = w = input_px /
+            patch size`` (14 x 14 for a 224 px ViT-x/16 tile: 8 µm cells on a 112 µm tile); pool
+            ``"cls+mean"``: each cell is the class token concatenated with that patch token. CNNs:
+            the last feature map (7 x 7 for a 224 px ResNet-50 tile), whose mean is the pooled feature.
+
+        Raises
+        ------
+        TypeError
+            If the encoder has no token grid (see :attr:`has_token_grid`), or its features do not
+            have the expected layout; the message names the encoder.
+        """
+        kind = self._grid_kind()
+        if kind is None:
+            raise TypeError(
+                f"Encoder {self.name!r} (builder {self.spec.builder!r}, pool {self.spec.pool!r}) has no spatial "
+                "token grid; use forward() (or a timm ViT / CNN encoder)."
+            )
+        feats = self._forward_features(self._normalise(x))
+        if kind == "cnn":
+            if feats.ndim != 4 or feats.shape[1] != self.embed_dim:
+                raise TypeError(
+                    f"Encoder {self.name!r}: forward_features gave {tuple(feats.shape)}, expected a feature map "
+                    f"(B, {self.embed_dim}, h, w)."
+                )
+            pooled = self._forward_head(feats)
+            return pooled.float(), feats.float()
+        if feats.ndim != 3:
+            raise TypeError(
+                f"Encoder {self.name!r}: forward_features gave {tuple(feats.shape)}, expected tokens (B, n, C)."
+            )
+        n_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+        patch = feats[:, n_prefix:]
+        h, w = self._patch_grid(patch.shape[1])
+        if self.spec.pool == "cls+mean":
+            pooled = torch.cat([feats[:, 0], patch.mean(1)], dim=1)
+            patch = torch.cat([feats[:, :1].expand_as(patch), patch], dim=2)
+        else:
+            pooled = self._forward_head(feats)
+            for name in ("fc_norm", "head"):  # what forward_head applies after pooling (identity when unused)
+                layer = getattr(self.backbone, name, None)
+                if isinstance(layer, nn.Module):
+                    patch = layer(patch)
+        if patch.shape[-1] != self.embed_dim:
+            raise TypeError(f"Encoder {self.name!r}: tokens are {patch.shape[-1]}-d, features {self.embed_dim}-d.")
+        grid = patch.reshape(patch.shape[0], h, w, patch.shape[-1]).permute(0, 3, 1, 2)
+        return pooled.float(), grid.float()
+
+    def _patch_grid(self, n: int) -> tuple[int, int]:
+        size = getattr(getattr(self.backbone, "patch_embed", None), "grid_size", None)
+        if size is not None and len(size) == 2 and int(size[0]) * int(size[1]) == n:
+            return int(size[0]), int(size[1])
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise TypeError(f"Encoder {self.name!r}: {n} patch tokens do not form a square grid.")
+        return side, side
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"Expected tiles of shape (B, 3, H, W), got {tuple(x.shape)}.")
         x = x.to(device=self.scale.device, dtype=torch.float32)
@@ -105,15 +211,27 @@ class FrozenEncoder(nn.Module):
         x = x * self.scale - self.shift
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.spec.pool == "cls+mean":
-            # a timm backbone's method (nn.Module.__getattr__ is typed as returning Tensor | Module)
-            forward_features = cast("Callable[[torch.Tensor], torch.Tensor]", self.backbone.forward_features)
-            tokens = forward_features(x)
-            n_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
-            out = torch.cat([tokens[:, 0], tokens[:, n_prefix:].mean(1)], dim=1)
-        else:
-            out = self.backbone(x)
-        return out.float()
+        return x
+
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # a timm backbone's method (nn.Module.__getattr__ is typed as returning Tensor | Module)
+        return cast("Callable[[torch.Tensor], torch.Tensor]", self.backbone.forward_features)(x)
+
+    def _forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return cast("Callable[[torch.Tensor], torch.Tensor]", self.backbone.forward_head)(feats)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, embed_dim={self.embed_dim}, fingerprint={self.fingerprint!r}"
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for encoding on ``device``: ``"auto"`` is bf16 (fp16 without bf16) on CUDA, none on the CPU."""
+    if precision == "32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if precision in ("bf16", "auto"):
+        dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    elif precision == "16":
+        dtype = torch.float16
+    else:
+        raise ValueError(f"precision must be 'auto', '32', '16' or 'bf16', got {precision!r}.")
+    return torch.autocast(device_type=device.type, dtype=dtype)

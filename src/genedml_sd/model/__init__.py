@@ -11,12 +11,19 @@ trains it with :class:`TrainArgs` and returns a :class:`TrainResult`.
 
 from typing import TYPE_CHECKING, Any
 
-from ._base import LossOutput, MethodConfig, SlideModule, SpotBatch, TrainedConfig, mean_gene_pcc
+from ._base import LossOutput, MethodConfig, SlideModule, SpotBatch, TrainedConfig
 from ._bleep import BLEEP, BLEEPConfig, ProjectionHead
 from ._config import PRESETS, GeneDMLConfig
-from ._data import SlideTensors, SpotBatches
+from ._context import SlideContext, fixed_context_rows, sample_context_rows
+from ._data import SlideTensors, SpotBatches, TokenGrid
 from ._kmeans import kmeans
-from ._losses import instance_group_loss, multiscale_instance_loss, prediction_loss, soft_target_instance_loss
+from ._losses import (
+    instance_group_loss,
+    mean_gene_pcc,
+    multiscale_instance_loss,
+    prediction_loss,
+    soft_target_instance_loss,
+)
 from ._methods import MethodSpec, get_method, list_methods, register_method, train_gene_dml, train_method
 from ._mlp import MLPConfig, MLPRegressor
 from ._modules import Block, GeneDML, sinusoidal_position_encoding
@@ -59,14 +66,17 @@ __all__ = [
     "RidgeRegressor",
     "RidgeResult",
     "SlideModule",
+    "SlideContext",
     "SlideTensors",
     "SpotBatch",
     "SpotBatches",
+    "TokenGrid",
     "TrainArgs",
     "TrainResult",
     "TrainedConfig",
     "TrainingPlan",
     "fit_ridge",
+    "fixed_context_rows",
     "get_method",
     "instance_group_loss",
     "kmeans",
@@ -77,6 +87,7 @@ __all__ = [
     "quiet_lightning",
     "register_method",
     "resolve_precision",
+    "sample_context_rows",
     "sinusoidal_position_encoding",
     "soft_target_instance_loss",
     "train_gene_dml",

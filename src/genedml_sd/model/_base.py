@@ -300,11 +300,12 @@ class SlideModule(nn.Module):
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
 
     # ------------------------------------------------------------------------------ inference
-    def encode_slide(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> torch.Tensor | None:
-        """Per-spot slide-level context for prediction, (N, ...) on the module's device (default ``None``).
+    def encode_slide(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> Any:
+        """Per-spot slide-level context for prediction (default ``None``).
 
         Computed once per slide by :meth:`predict_slide` and handed to :meth:`predict_batch` in row
-        chunks (e.g. Gene-DML's global-branch tokens).
+        chunks: anything indexable by a row slice, e.g. an (N, ...) tensor on the module's device or
+        Gene-DML's :class:`~genedml_sd.model.SlideContext`, which computes each chunk's rows when asked.
         """
         return None
 
@@ -329,12 +330,11 @@ class SlideModule(nn.Module):
         """Device of the module's buffers."""
         return self.feature_mean.device
 
-    @torch.no_grad()
     def predict_slide(
         self,
         local_all: torch.Tensor | np.ndarray,
         coords_um: torch.Tensor | np.ndarray,
-        neighbour_all: torch.Tensor | np.ndarray | None = None,
+        neighbour_all: Any = None,
         *,
         batch_size: int = 1024,
     ) -> torch.Tensor:
@@ -348,15 +348,34 @@ class SlideModule(nn.Module):
             Spot centres in µm (N, 2); used by methods with slide-level context.
         neighbour_all
             Neighbour-grid features (N, n_neighbours, D) if the method reads them (ignored otherwise): a
-            tensor or a numpy array, e.g. a read-only memory-mapped feature cache. It stays on the host;
-            chunks of ``batch_size`` rows are converted to float32 and moved one at a time, so memory
-            grows with ``batch_size``, not N.
+            tensor, a numpy array (e.g. a read-only memory-mapped feature cache) or a
+            :class:`~genedml_sd.model.TokenGrid`. It stays on the host; chunks of ``batch_size`` rows are
+            gathered, converted to float32 and moved one at a time, so memory grows with ``batch_size``, not N.
         batch_size
             Spots per forward pass.
 
         Returns
         -------
-        (N, G) predicted log-normalised expression, float32 on the module's device.
+        (N, G) float32 predicted log-normalised expression on the module's device (for 10^6 spots, fill
+        a host array from :meth:`iter_predictions` instead).
+        """
+        out = [p for _, p in self.iter_predictions(local_all, coords_um, neighbour_all, batch_size=batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.config.n_genes, device=self.device)
+
+    def iter_predictions(
+        self,
+        local_all: torch.Tensor | np.ndarray,
+        coords_um: torch.Tensor | np.ndarray,
+        neighbour_all: Any = None,
+        *,
+        batch_size: int = 1024,
+        order: np.ndarray | None = None,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Predictions of a slide in chunks ``(rows (b,) int64, (b, G) float32 on the device)``.
+
+        Arguments of :meth:`predict_slide`; ``order`` (a permutation of the N rows) sets the order in
+        which rows are batched, e.g. grouped by lattice tile so identical neighbour grids share a batch.
+        The slide context (:meth:`encode_slide`) is computed once; no gradients, eval mode (then restored).
         """
         d = self.config.enc_dim
         if len(local_all.shape) != 2 or local_all.shape[1] != d:
@@ -368,19 +387,25 @@ class SlideModule(nn.Module):
         neighbour_used = neighbour_all if uses_neighbour else None
         if neighbour_used is not None and neighbour_used.shape[0] != n:
             raise ValueError(f"neighbour_all has {neighbour_used.shape[0]} rows for {n} spots.")
+        if order is not None and (len(order) != n or not np.array_equal(np.sort(order), np.arange(n))):
+            raise ValueError(f"order must be a permutation of the {n} rows.")
         dev = self.device
         was_training = self.training
         self.eval()
         try:
-            context = self.encode_slide(_as_tensor(local_all), _as_tensor(coords_um)) if n else None
-            out = []
+            with torch.no_grad():
+                context = self.encode_slide(_as_tensor(local_all), _as_tensor(coords_um)) if n else None
             for s in range(0, n, batch_size):
-                nb = None if neighbour_used is None else host_batch(neighbour_used[s : s + batch_size], dev)
-                rows = None if context is None else context[s : s + batch_size]
-                out.append(self.predict_batch(host_batch(local_all[s : s + batch_size], dev), nb, rows).float())
+                rows: Any = slice(s, s + batch_size)
+                if order is not None:
+                    rows = np.sort(order[s : s + batch_size])
+                with torch.no_grad():
+                    nb = None if neighbour_used is None else host_batch(neighbour_used[rows], dev)
+                    glob = None if context is None else context[torch.as_tensor(rows) if order is not None else rows]
+                    pred = self.predict_batch(host_batch(local_all[rows], dev), nb, glob).float()
+                yield (np.arange(n)[rows] if order is None else rows), pred
         finally:
             self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0, self.config.n_genes, device=dev)
 
 
 # ====================================================================================== helpers
@@ -393,27 +418,6 @@ def host_batch(batch: torch.Tensor | np.ndarray, device: torch.device) -> torch.
 
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float32))
-
-
-def mean_gene_pcc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over genes of the Pearson r across spots, skipping genes constant on either side.
-
-    Parameters
-    ----------
-    pred, target
-        (N, G) predicted and measured expression.
-
-    Returns
-    -------
-    Scalar tensor (NaN if every gene is constant).
-    """
-    p = pred.float() - pred.float().mean(0)
-    t = target.float() - target.float().mean(0)
-    denom = (p.square().sum(0) * t.square().sum(0)).sqrt()
-    ok = denom > 0
-    if not ok.any():
-        return torch.tensor(float("nan"), device=pred.device)
-    return ((p * t).sum(0)[ok] / denom[ok]).mean()
 
 
 def check_slides(train: Sequence[SlideTensors], val: Sequence[SlideTensors] | None, config: MethodConfig) -> None:
@@ -469,13 +473,6 @@ def float64_rows(x: torch.Tensor, device: torch.device | str = "cpu", chunk: int
     """Float64 row chunks of a (N, ...) tensor on ``device`` (bounds the float64 copies' memory)."""
     for s in range(0, x.shape[0], chunk):
         yield x[s : s + chunk].to(device, torch.float64)
-
-
-def compute_device(accelerator: str) -> torch.device:
-    """CUDA for ``"auto"`` / ``"gpu"`` / ``"cuda"`` when available, else the CPU (for closed-form fits)."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def check_local_only(config: MethodConfig) -> None:

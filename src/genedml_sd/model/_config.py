@@ -81,6 +81,13 @@ class GeneDMLConfig(TrainedConfig):
     attn_chunk
         Query chunk size of the global attention; bounds its memory to ``attn_chunk x n_spots``
         scores per head.
+    context_size
+        Most spots the global branch attends over. Slides with at most this many spots get the
+        paper's exact attention over all of them; on larger slides the branch attends over the
+        batch plus randomly drawn spots (``context_size`` in all, redrawn every step) in training
+        and over a fixed seeded sample of ``context_size`` spots in prediction, so training costs
+        O(N context_size) per epoch instead of O(N^3 / batch_size). ``None``: always exact (the
+        paper's; infeasible beyond about 10^4 spots per slide).
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
@@ -110,6 +117,7 @@ class GeneDMLConfig(TrainedConfig):
     pos_min_um: float = 100.0
     pos_max_um: float = 20000.0
     attn_chunk: int = 4096
+    context_size: int | None = 1024
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,6 +134,8 @@ class GeneDMLConfig(TrainedConfig):
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}.")
         if self.dim % 4:
             raise ValueError(f"dim={self.dim} must be divisible by 4 (2-D sinusoidal position encoding).")
+        if self.context_size is not None and (isinstance(self.context_size, bool) or self.context_size < 2):
+            raise ValueError(f"context_size must be None or an integer >= 2, got {self.context_size!r}.")
         for name in ("tau_init", "tau_ig"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")

@@ -11,6 +11,64 @@ import torch
 from torch.utils.data import Dataset
 
 
+def _tensor(a: torch.Tensor | np.ndarray, dtype: type) -> torch.Tensor:
+    """A tensor of ``a``; numpy arrays are converted to ``dtype``, read-only ones (memory-mapped caches) copied."""
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return torch.from_numpy(a if a.flags.writeable else np.array(a))
+
+
+class TokenGrid:
+    """Neighbour tokens stored once per lattice tile: token ``t`` of spot ``i`` is ``tokens[index[i, t]]``.
+
+    Behaves like the (N, T, D) neighbour tensor it stands for where the training plan and
+    :meth:`~genedml_sd.model.SlideModule.predict_slide` read it (``shape``, ``ndim``, row indexing with
+    an index tensor, an array or a slice, which gathers only those rows), while holding M x D floats
+    and N x T integers instead of N x T x D floats (100 GB at 10^6 spots x 25 tokens x 1024).
+
+    Parameters
+    ----------
+    tokens
+        Features of the lattice tiles, float32 (M, D) (tensor or numpy array).
+    index
+        Lattice tile of every spot's neighbour token, integers in ``[0, M)``, (N, T).
+    """
+
+    def __init__(self, tokens: torch.Tensor | np.ndarray, index: torch.Tensor | np.ndarray) -> None:
+        self.tokens = _tensor(tokens, np.float32).float()
+        self.index = _tensor(index, np.int64).long()
+        if self.tokens.ndim != 2 or self.index.ndim != 2:
+            raise ValueError(
+                f"TokenGrid needs tokens (M, D) and index (N, T), got {tuple(self.tokens.shape)} and "
+                f"{tuple(self.index.shape)}."
+            )
+        if self.index.numel() and (int(self.index.min()) < 0 or int(self.index.max()) >= self.tokens.shape[0]):
+            raise ValueError(f"TokenGrid index must lie in [0, {self.tokens.shape[0]}) (the number of tokens).")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(N, T, D)`` of the gathered neighbour tensor."""
+        return (self.index.shape[0], self.index.shape[1], self.tokens.shape[1])
+
+    @property
+    def ndim(self) -> int:
+        """3, as the (N, T, D) tensor."""
+        return 3
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def __getitem__(self, rows: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
+        """Neighbour tokens (B, T, D) of the spots ``rows``."""
+        idx = self.index[torch.as_tensor(rows) if isinstance(rows, np.ndarray) else rows]
+        return self.tokens[idx]
+
+    def dense(self) -> torch.Tensor:
+        """The full (N, T, D) tensor (for small slides and tests)."""
+        return self.tokens[self.index]
+
+
 @dataclass
 class SlideTensors:
     """Cached features and targets of one slide.
@@ -22,7 +80,8 @@ class SlideTensors:
     coords
         Spot centres in µm, float32 (N, 2).
     neighbour
-        Neighbour-grid features, float32 (N, n_neighbours, D), or ``None``.
+        Neighbour-grid features, float32 (N, n_neighbours, D), a :class:`TokenGrid` standing for
+        them (lattice tokens gathered per batch), or ``None``.
     expr
         Log-normalised expression, float32 (N, G), or ``None`` (prediction only).
     name
@@ -31,7 +90,7 @@ class SlideTensors:
 
     local: torch.Tensor
     coords: torch.Tensor
-    neighbour: torch.Tensor | None = None
+    neighbour: torch.Tensor | TokenGrid | None = None
     expr: torch.Tensor | None = None
     name: str = "slide"
 
@@ -61,13 +120,14 @@ class SlideTensors:
         cls,
         local: np.ndarray,
         coords: np.ndarray,
-        neighbour: np.ndarray | None = None,
+        neighbour: np.ndarray | TokenGrid | None = None,
         expr: np.ndarray | None = None,
         name: str = "slide",
     ) -> SlideTensors:
         """Wrap numpy arrays (no copy where the dtype is already float32 and the array writable).
 
-        Read-only arrays (e.g. memory-mapped feature caches) are copied into memory.
+        Read-only arrays (e.g. memory-mapped feature caches) are copied into memory; a
+        :class:`TokenGrid` is kept as it is.
         """
 
         @overload
@@ -80,7 +140,8 @@ class SlideTensors:
             a = np.ascontiguousarray(a, dtype=np.float32)
             return torch.from_numpy(a if a.flags.writeable else np.array(a))
 
-        return cls(t(local), t(coords), t(neighbour), t(expr), name)
+        nb = neighbour if isinstance(neighbour, TokenGrid) else t(neighbour)
+        return cls(t(local), t(coords), nb, t(expr), name)
 
 
 class SpotBatches(Dataset):

@@ -98,3 +98,24 @@ def instance_group_loss(
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over spots and genes (float32)."""
     return F.mse_loss(pred.float(), target.float())
+
+
+def mean_gene_pcc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over genes of the Pearson r across spots, skipping genes constant on either side.
+
+    Parameters
+    ----------
+    pred, target
+        (N, G) predicted and measured expression.
+
+    Returns
+    -------
+    Scalar tensor (NaN if every gene is constant).
+    """
+    p = pred.float() - pred.float().mean(0)
+    t = target.float() - target.float().mean(0)
+    denom = (p.square().sum(0) * t.square().sum(0)).sqrt()
+    ok = denom > 0
+    if not ok.any():
+        return torch.tensor(float("nan"), device=pred.device)
+    return ((p * t).sum(0)[ok] / denom[ok]).mean()

@@ -11,6 +11,7 @@ from torch import nn
 
 from ._base import LossOutput, SlideModule, SpotBatch
 from ._config import GeneDMLConfig
+from ._context import SlideContext, fixed_context_rows, sample_context_rows
 from ._losses import instance_group_loss, multiscale_instance_loss, prediction_loss
 
 
@@ -51,8 +52,47 @@ class Block(nn.Module):
         x = x + self.drop(self.attention(self.norm1(x), chunk))
         return x + self.drop(self.mlp(self.norm2(x)))
 
+    def context_attention(self, x: torch.Tensor, context: torch.Tensor, add_self: torch.Tensor) -> torch.Tensor:
+        """Attention of Q query tokens over K context tokens and, where ``add_self``, the query itself.
 
-def sinusoidal_position_encoding(coords_um: torch.Tensor, dim: int, min_um: float, max_um: float) -> torch.Tensor:
+        Parameters
+        ----------
+        x
+            Normalised query tokens (Q, C).
+        context
+            Normalised context tokens (K, C).
+        add_self
+            Bool (Q,): also attend to the query's own key (for queries that are not among the context).
+
+        Returns
+        -------
+        (Q, C), as one row of :meth:`attention` over the set ``context`` (plus the query) would be.
+        """
+        q_n, c = x.shape
+        h, dh = self.n_heads, c // self.n_heads
+        wq, wk, wv = self.qkv.weight.chunk(3)
+        bq, bk, bv = self.qkv.bias.chunk(3)
+        q = F.linear(x, wq, bq).view(q_n, h, dh)
+        k_self = F.linear(x, wk, bk).view(q_n, h, dh)
+        v_self = F.linear(x, wv, bv).view(q_n, h, dh)
+        k = F.linear(context, wk, bk).view(-1, h, dh)
+        v = F.linear(context, wv, bv).view(-1, h, dh)
+        scale = dh**-0.5
+        scores = torch.einsum("qhd,khd->qhk", q, k) * scale
+        own = ((q * k_self).sum(-1, keepdim=True) * scale).masked_fill(~add_self.view(-1, 1, 1), float("-inf"))
+        p = torch.cat([scores, own], dim=-1).softmax(dim=-1)
+        out = torch.einsum("qhk,khd->qhd", p[..., :-1], v) + p[..., -1:] * v_self
+        return self.proj(out.reshape(q_n, c))
+
+    def forward_context(self, x: torch.Tensor, context: torch.Tensor, add_self: torch.Tensor) -> torch.Tensor:
+        """The block applied to query tokens (Q, C) attending over context tokens (K, C) (see :meth:`context_attention`)."""
+        x = x + self.drop(self.context_attention(self.norm1(x), self.norm1(context), add_self))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def sinusoidal_position_encoding(
+    coords_um: torch.Tensor, dim: int, min_um: float, max_um: float, centre_um: torch.Tensor | None = None
+) -> torch.Tensor:
     """2-D sinusoidal encoding of spot positions in µm.
 
     Coordinates are centred on the slide's mean position (so a translated slide encodes the same).
@@ -67,6 +107,8 @@ def sinusoidal_position_encoding(coords_um: torch.Tensor, dim: int, min_um: floa
         Output width (divisible by 4).
     min_um, max_um
         Shortest and longest wavelength, µm.
+    centre_um
+        The slide's mean position (2,), when ``coords_um`` holds only some of its spots (default: their mean).
 
     Returns
     -------
@@ -75,7 +117,8 @@ def sinusoidal_position_encoding(coords_um: torch.Tensor, dim: int, min_um: floa
     n_freq = dim // 4
     wavelengths = torch.logspace(math.log10(min_um), math.log10(max_um), n_freq, device=coords_um.device)
     omega = 2 * math.pi / wavelengths
-    c = coords_um.float() - coords_um.float().mean(dim=0, keepdim=True)
+    centre = coords_um.float().mean(dim=0, keepdim=True) if centre_um is None else centre_um.float().view(1, 2)
+    c = coords_um.float() - centre
     ax = c[:, :1] * omega
     ay = c[:, 1:2] * omega
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
@@ -90,7 +133,9 @@ class GeneDML(SlideModule):
     * neighbour: the 5x5 grid of tile features ``(B, 25, D)`` -> ``Linear(D, dim)`` + learned
       position embedding -> self-attention blocks -> mean pool -> ``Linear(dim, dim)``;
     * global: the local features of *all* spots of the slide ``(N, D)`` -> ``Linear(D, dim)`` + 2-D
-      sinusoidal µm position encoding -> transformer block(s) over the N spots -> ``Linear(dim, dim)``.
+      sinusoidal µm position encoding -> transformer block(s) over the N spots -> ``Linear(dim, dim)``;
+      on slides of more than ``config.context_size`` spots, over a bounded context of that many spots
+      (see :class:`~genedml_sd.model.SlideContext`).
 
     The scale vectors form a sequence of up to 3 tokens, mixed by self-attention (scale-wise fusion);
     the fused tokens are concatenated and mapped to the G genes by the prediction head. During
@@ -165,8 +210,21 @@ class GeneDML(SlideModule):
         return (1 / self.logit_scale.exp()).clamp(0.01, 1.0)
 
     # ------------------------------------------------------------------------------ image pathway
+    def global_embedding(
+        self, local: torch.Tensor, coords_um: torch.Tensor, centre_um: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Input tokens of the global blocks: projected features plus µm position encoding, (n, D) -> (n, dim).
+
+        ``centre_um`` is the slide's mean position (2,) when ``coords_um`` are only some of its spots.
+        """
+        cfg = self.config
+        x = self.global_in(self.standardise(local))
+        return x + sinusoidal_position_encoding(coords_um, cfg.dim, cfg.pos_min_um, cfg.pos_max_um, centre_um).to(
+            x.dtype
+        )
+
     def encode_global(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> torch.Tensor:
-        """Slide-level tokens of every spot.
+        """Slide-level tokens of every spot, by exact self-attention over all N spots (the paper's).
 
         Parameters
         ----------
@@ -182,15 +240,50 @@ class GeneDML(SlideModule):
         cfg = self.config
         if not cfg.use_global:
             raise RuntimeError("This model has no global branch (use_global=False).")
-        x = self.global_in(self.standardise(local_all))
-        x = x + sinusoidal_position_encoding(coords_um, cfg.dim, cfg.pos_min_um, cfg.pos_max_um).to(x.dtype)
-        x = x.unsqueeze(0)
+        x = self.global_embedding(local_all, coords_um).unsqueeze(0)
         for blk in self.global_blocks:
             x = blk(x, chunk=cfg.attn_chunk)
         return self.global_proj(self.global_norm(x[0]))
 
+    def global_rows(
+        self,
+        local_all: torch.Tensor,
+        coords_um: torch.Tensor,
+        rows: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Training-time global tokens (B, dim) of the spots ``rows`` (B,) of a slide of N spots.
+
+        Exact attention over all N spots when ``config.context_size`` is ``None`` or ``N <=
+        context_size``; otherwise attention over the batch plus ``context_size - B`` other spots drawn
+        at random (see :func:`~genedml_sd.model.sample_context_rows`), so the cost does not grow with N.
+        """
+        cfg = self.config
+        dev = self.device
+        n = int(local_all.shape[0])
+        if cfg.context_size is None or n <= cfg.context_size:
+            return self.encode_global(local_all.to(dev), coords_um.to(dev))[rows.to(dev)]
+        ctx = sample_context_rows(rows, n, cfg.context_size, generator)
+        centre = coords_um.float().mean(0).to(dev)
+        x = self.global_embedding(local_all[ctx].to(dev), coords_um[ctx].to(dev), centre).unsqueeze(0)
+        for blk in self.global_blocks:
+            x = blk(x, chunk=cfg.attn_chunk)
+        return self.global_proj(self.global_norm(x[0, : rows.numel()]))
+
     def encode_neighbour(self, neighbour: torch.Tensor) -> torch.Tensor:
-        """Neighbour-scale vectors from the grid tokens (B, n_neighbours, D) -> (B, dim)."""
+        """Neighbour-scale vectors from the grid tokens (B, n_neighbours, D) -> (B, dim).
+
+        In eval mode, identical token grids are encoded once: in the dense feature mode every
+        observation of a lattice tile has the same 5 x 5 grid (about 200 bins of 8 µm share one), so
+        prediction costs one neighbour transformer per tile in the batch, not per observation.
+        """
+        if not self.training and neighbour.shape[0] > 1:
+            uniq, inverse = torch.unique(neighbour.flatten(1), dim=0, return_inverse=True)
+            if uniq.shape[0] <= neighbour.shape[0] // 2:
+                return self._encode_neighbour(uniq.view(-1, *neighbour.shape[1:]))[inverse]
+        return self._encode_neighbour(neighbour)
+
+    def _encode_neighbour(self, neighbour: torch.Tensor) -> torch.Tensor:
         x = self.neighbour_in(self.standardise(neighbour)) + self.neighbour_pos
         for blk in self.neighbour_blocks:
             x = blk(x)
@@ -301,19 +394,27 @@ class GeneDML(SlideModule):
         cfg = self.config
         glob = None
         if cfg.use_global:
-            dev = batch.local.device
-            glob = self.encode_global(batch.slide.local.to(dev), batch.slide.coords.to(dev))[batch.index.to(dev)]
+            glob = self.global_rows(batch.slide.local, batch.slide.coords, batch.index)
         out = self(batch.local, batch.neighbour, glob)
         loss = self.loss(out, batch.expr)
         return LossOutput(loss.total, loss.parts, {"tau": self.tau} if cfg.instance_loss else {})
 
     # ------------------------------------------------------------------------------ inference
-    def encode_slide(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> torch.Tensor | None:
-        """Global-branch tokens (N, dim) of all spots of a slide (``None`` without the global scale)."""
-        if not self.config.use_global:
+    def encode_slide(self, local_all: torch.Tensor, coords_um: torch.Tensor) -> torch.Tensor | SlideContext | None:
+        """Global-branch tokens of all N spots of a slide, indexable by row chunks (``None`` without the global scale).
+
+        A (N, dim) tensor (exact attention over all spots) when ``config.context_size`` is ``None`` or
+        N is at most ``context_size``; otherwise a :class:`~genedml_sd.model.SlideContext` against a
+        fixed sample of ``context_size`` spots, which computes the rows of each chunk when indexed.
+        """
+        cfg = self.config
+        if not cfg.use_global:
             return None
-        dev = self.device
-        return self.encode_global(local_all.to(dev), coords_um.to(dev))
+        n = int(local_all.shape[0])
+        if cfg.context_size is None or n <= cfg.context_size:
+            dev = self.device
+            return self.encode_global(local_all.to(dev), coords_um.to(dev))
+        return SlideContext(self, local_all, coords_um, fixed_context_rows(n, cfg.context_size))
 
     def predict_batch(
         self, local: torch.Tensor, neighbour: torch.Tensor | None = None, slide_rows: torch.Tensor | None = None

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ._base import SlideModule, SpotBatch, check_slides, mean_gene_pcc, targets
+from ._base import SlideModule, SpotBatch, check_slides, targets
 from ._data import SlideTensors, SpotBatches
+from ._losses import mean_gene_pcc
 from ._resume import capture_rng_state, restore_rng_state
 
 #: Key of the plan's own state in a full checkpoint (history, random states, stop flag).

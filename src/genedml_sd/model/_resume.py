@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._data import SlideTensors
+from ._data import SlideTensors, TokenGrid
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,12 @@ def tensor_checksum(x: torch.Tensor | None, rows: int = 256) -> str | None:
 
 def slide_signature(slide: SlideTensors, *, neighbour: bool) -> dict[str, Any]:
     """Name, shapes and checksums of a slide's tensors (neighbour features only if the method reads them)."""
-    parts = {"local": slide.local, "coords": slide.coords, "expr": slide.expr}
-    if neighbour:
-        parts["neighbour"] = slide.neighbour
+    parts: dict[str, torch.Tensor | None] = {"local": slide.local, "coords": slide.coords, "expr": slide.expr}
+    nb = slide.neighbour
+    if neighbour and isinstance(nb, TokenGrid):  # dense mode: tokens once per lattice tile
+        parts["neighbour_tokens"], parts["neighbour_index"] = nb.tokens, nb.index
+    elif neighbour and not isinstance(nb, TokenGrid):
+        parts["neighbour"] = nb
     return {
         "name": slide.name,
         "shapes": {k: None if v is None else list(v.shape) for k, v in parts.items()},

@@ -22,13 +22,12 @@ from ._base import (
     SlideModule,
     check_local_only,
     check_slides,
-    compute_device,
     float64_rows,
-    mean_gene_pcc,
     targets,
     tensor_sum,
 )
 from ._data import SlideTensors
+from ._losses import mean_gene_pcc
 from ._options import TrainArgs, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -250,3 +249,10 @@ def fit_ridge_method(
     The other training arguments do not apply to a closed-form fit.
     """
     return fit_ridge(train, val, config, device=compute_device(args.accelerator))
+
+
+def compute_device(accelerator: str) -> torch.device:
+    """CUDA for ``"auto"`` / ``"gpu"`` / ``"cuda"`` when available, else the CPU (for closed-form fits)."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")

@@ -253,7 +253,11 @@ class SlideReader:
         hi = np.floor(last).astype(np.int64) + 1 + margin + 1  # exclusive
         win = hi - lo  # (B, 2) window sizes (x, y)
 
-        bounds = [(max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)) for (x0, y0), (x1, y1) in zip(lo, hi, strict=True)]
+        # clipped to the image; a window wholly outside it reads nothing (never a negative, wrap-around slice)
+        bounds = []
+        for (x0, y0), (x1, y1) in zip(lo, hi, strict=True):
+            ya, xa = min(max(y0, 0), h), min(max(x0, 0), w)
+            bounds.append((ya, max(min(y1, h), ya), xa, max(min(x1, w), xa)))
         lazy = [data[:, ya:yb, xa:xb] for ya, yb, xa, xb in bounds]
         windows = dask.compute(*lazy, scheduler=scheduler) if lazy else []
 
@@ -266,7 +270,8 @@ class SlideReader:
                 ya, yb, xa, xb = bounds[i]
                 where = f" (level {choice.level}, rows {ya}:{yb}, columns {xa}:{xb})"
                 arr = to_uint8(arr, image_key=self.image_key, where=where)
-            batch[i, :, oy : oy + arr.shape[1], ox : ox + arr.shape[2]] = arr
+            if arr.size:
+                batch[i, :, oy : oy + arr.shape[1], ox : ox + arr.shape[2]] = arr
         return _resample(batch, first - lo, step, out_px, sigma)
 
 

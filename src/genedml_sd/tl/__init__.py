@@ -3,7 +3,7 @@
 from ._aggregate import aggregate_predictions
 from ._cross_validate import cross_validate, leave_one_group_out
 from ._evaluate import Evaluation, PairedExpression, evaluate, observed_and_predicted, score_predictions
-from ._features import EncoderRef, FeatureSpec
+from ._features import EncoderRef, FeatureSpec, choose_feature_mode
 from ._fit import fit
 from ._methods import list_methods, register_method
 from ._metrics import per_gene_pearson
@@ -31,6 +31,7 @@ __all__ = [
     "PairedExpression",
     "TrainedModel",
     "aggregate_predictions",
+    "choose_feature_mode",
     "cross_validate",
     "evaluate",
     "fit",

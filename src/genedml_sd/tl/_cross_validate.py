@@ -14,7 +14,7 @@ from genedml_sd._docs import docs
 
 from ._data import as_list, resolve_slide_keys, slide_expression, slide_info
 from ._evaluate import N_TOP, score_predictions
-from ._features import FeatureSpec
+from ._features import FeatureSpec, choose_feature_mode
 from ._fit import _build_config, fit, resolve_encoder, uses_neighbour_tiles
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def cross_validate(
     max_epochs: int = 100,
     cache_dir: str | None = None,
     num_workers: int | None = None,
-    feature_mode: str = "spot",
+    feature_mode: str = "auto",
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out cross-validation (by default: leave one patient out).
@@ -128,6 +128,13 @@ def cross_validate(
     enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
     # every fold reads these cached features; neighbour grids only for methods that use them
     neighbours = _needs_neighbours(method, config, fit_kwargs, enc_dim=ref.embed_dim, genes=genes)
+    # "auto" is resolved once, from all slides' spot layouts (no expression is read), so every fold uses one mode
+    feature_mode, _ = choose_feature_mode(
+        feature_mode,
+        [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
+        geometry,
+        neighbours=neighbours,
+    )
     spec = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
     extraction: dict[str, Any] = {"cache_dir": cache_dir, "num_workers": num_workers}
     from genedml_sd.encoders import process_rank

@@ -110,10 +110,10 @@ def slide_tensors(
 
     Returns
     -------
-    One :class:`~genedml_sd.model.SlideTensors` per slide: ``local`` (N, D), ``neighbour`` (N, T, D) or
-    ``None``, ``coords`` (N, 2) in µm, ``expr`` (N, G) or ``None``.
+    One :class:`~genedml_sd.model.SlideTensors` per slide: ``local`` (N, D), ``neighbour`` (N, T, D), a
+    :class:`~genedml_sd.model.TokenGrid` (dense mode) or ``None``, ``coords`` (N, 2) in µm, ``expr`` (N, G) or ``None``.
     """
-    from genedml_sd.model import SlideTensors
+    from genedml_sd.model import SlideTensors, TokenGrid
 
     feats = spec.extract_many(
         [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)], encoder, **(extraction or {})
@@ -121,10 +121,17 @@ def slide_tensors(
     out = []
     for s, k, f, name in zip(slides, keys, feats, names, strict=True):
         expr = None if genes is None else slide_expression(s, k, genes, layer=layer)
+        neighbour = None
+        if spec.neighbours:  # dense-mode tokens stay one per lattice tile, gathered per batch
+            neighbour = (
+                TokenGrid(f.tokens, f.token_index)
+                if f.tokens is not None and f.token_index is not None
+                else f.neighbour
+            )
         out.append(
             SlideTensors.from_numpy(
                 local=f.local,
-                neighbour=f.neighbour if spec.neighbours else None,
+                neighbour=neighbour,
                 coords=f.coords_um,
                 expr=expr,
                 name=str(name),

@@ -7,6 +7,7 @@ always computed the way the model was trained on them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,8 +21,14 @@ if TYPE_CHECKING:
 
     from genedml_sd.encoders import FrozenEncoder, SpotFeatures
 
-FEATURE_MODES = ("spot", "lattice")
-"""``"spot"``: every spot's own 5x5 neighbour grid (the paper's); ``"lattice"``: a tile lattice encoded once."""
+logger = logging.getLogger(__name__)
+
+FEATURE_MODES = ("spot", "lattice", "dense")
+"""``"spot"``: every spot's own 5x5 neighbour grid (the paper's); ``"lattice"``: a tile lattice encoded once,
+exact spot-centred local tiles; ``"dense"``: only the lattice, local features read from it at each observation."""
+
+AUTO_DENSE_TILES_PER_OBS = 0.5
+"""``feature_mode="auto"`` picks ``"dense"`` when the lattice has at most this many tiles per observation."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,10 @@ class FeatureSpec:
     geometry
         Tile geometry: tile side in µm and px, neighbour grid size.
     mode
-        ``"spot"`` (each spot's own neighbour grid, ``grid**2`` encoder calls per spot) or ``"lattice"``
-        (a tile lattice over the tissue encoded once, neighbour tokens gathered from it).
+        ``"spot"`` (each spot's own neighbour grid, ``grid**2`` encoder calls per spot), ``"lattice"``
+        (a tile lattice over the tissue encoded once, neighbour tokens gathered from it, local tiles
+        centred on each spot) or ``"dense"`` (the lattice only: local features read from it at each
+        observation, see :func:`~genedml_sd.encoders.extract_features`).
     neighbours
         Whether neighbour-grid features are read (``False`` for local-only methods).
     """
@@ -177,3 +186,67 @@ class FeatureSpec:
         return extract_features_sharded(
             list(slides), encoder, **self.extraction_kwargs(neighbours=neighbours, **kwargs)
         )
+
+
+def choose_feature_mode(
+    mode: str,
+    slides: Sequence[tuple[SpatialData, str, str]],
+    geometry: TileGeometry,
+    *,
+    neighbours: bool,
+) -> tuple[str, dict[str, Any]]:
+    """Resolve ``feature_mode="auto"`` for a set of slides from the encoder calls each mode would cost.
+
+    ``"dense"`` when the lattice has at most :data:`AUTO_DENSE_TILES_PER_OBS` tiles per observation
+    (observations denser than tiles: Visium HD bins, cells, fine grids); else ``"lattice"`` when the
+    model reads neighbour tokens and that costs fewer calls than ``"spot"`` (legacy ST, Visium); else
+    ``"spot"`` (local-only methods on spots that do not share tiles). Counting reads spot centres and
+    image metadata only (see :func:`~genedml_sd.encoders.encoder_calls`).
+
+    Parameters
+    ----------
+    mode
+        ``"auto"`` or one of :data:`FEATURE_MODES` (returned unchanged).
+    slides
+        ``(sdata, image_key, shapes_key)`` of every slide.
+    geometry
+        Tile geometry.
+    neighbours
+        Whether the model reads neighbour tokens.
+
+    Returns
+    -------
+    ``(mode, calls)``: the mode and, for ``"auto"``, the encoder calls of every mode summed over the
+    slides plus ``"observations"`` (an empty dict otherwise).
+    """
+    if mode != "auto":
+        if mode not in FEATURE_MODES:
+            raise ValueError(f"feature_mode must be 'auto' or one of {list(FEATURE_MODES)}, got {mode!r}.")
+        return mode, {}
+    from genedml_sd.encoders import encoder_calls
+
+    calls: dict[str, int] = dict.fromkeys(FEATURE_MODES, 0)
+    n_obs = 0
+    for sdata, image_key, shapes_key in slides:
+        per = encoder_calls(sdata, image_key=image_key, shapes_key=shapes_key, geometry=geometry, neighbours=neighbours)
+        for m in FEATURE_MODES:
+            calls[m] += int(per[m])
+        n_obs += len(sdata[shapes_key])
+    if calls["dense"] <= AUTO_DENSE_TILES_PER_OBS * n_obs:
+        chosen = "dense"
+    elif neighbours and calls["lattice"] < calls["spot"]:
+        chosen = "lattice"
+    else:
+        chosen = "spot"
+    per_obs = {m: calls[m] / max(n_obs, 1) for m in FEATURE_MODES}
+    logger.info(
+        "feature_mode='auto' chose %r: %.3g encoder calls per observation (spot %.3g, lattice %.3g, dense %.3g) "
+        "for %d observations",
+        chosen,
+        per_obs[chosen],
+        per_obs["spot"],
+        per_obs["lattice"],
+        per_obs["dense"],
+        n_obs,
+    )
+    return chosen, {**calls, "observations": n_obs}

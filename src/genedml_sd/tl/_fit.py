@@ -15,7 +15,7 @@ from genedml_sd.pp import TARGET_SUM, select_genes
 from genedml_sd.tiling import TileGeometry
 
 from ._data import as_list, resolve_slide_keys, slide_info, slide_tensors
-from ._features import EncoderRef, FeatureSpec
+from ._features import EncoderRef, FeatureSpec, choose_feature_mode
 from ._model import TrainedModel
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def fit(
     cache_dir: str | None = None,
     num_workers: int | None = None,
     extraction_device: str | None = None,
-    feature_mode: str = "spot",
+    feature_mode: str = "auto",
     checkpoint_dir: str | None = None,
     resume: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
@@ -146,7 +146,14 @@ def fit(
 
     enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
     cfg = _build_config(spec.config, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
-    features = FeatureSpec(ref, geometry, feature_mode, neighbours=uses_neighbour_tiles(cfg))
+    neighbours = uses_neighbour_tiles(cfg)
+    feature_mode, mode_calls = choose_feature_mode(
+        feature_mode,
+        [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
+        geometry,
+        neighbours=neighbours,
+    )
+    features = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
     extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir}
     tensors = slide_tensors(
         slides, keys, features, enc, genes=gene_list, names=names, layer=layer, extraction=extraction
@@ -191,6 +198,7 @@ def fit(
         "gene_ranking_pcc": scores,
         "gene_ranking_source": "validation sections" if val else "training sections (in-sample)",
         "layer": layer,
+        "feature_mode_calls": mode_calls,
     }
     return TrainedModel(
         module=module,

@@ -84,7 +84,11 @@ class TrainedModel:
     def predict_features(
         self, features: SpotFeatures, *, batch_size: int = 1024, device: str | None = None
     ) -> np.ndarray:
-        """Predicted log-normalised expression (n_spots, n_genes) from a slide's cached features."""
+        """Predicted log-normalised expression, float32 (n_spots, n_genes), from a slide's cached features.
+
+        Predictions are made ``batch_size`` rows at a time and written into the result, so beyond it
+        memory holds one batch (and, for Gene-DML on large slides, its bounded slide context).
+        """
         import torch
 
         if features.dim != self.encoder.embed_dim:
@@ -94,20 +98,36 @@ class TrainedModel:
             )
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         module = self.module.to(dev).eval()
-        neighbour = None
+        from genedml_sd.model import TokenGrid
+
+        neighbour: Any = None
         if self.uses_neighbours:
-            if features.neighbour is None:
+            if (
+                features.tokens is not None and features.token_index is not None
+            ):  # dense mode: one token per lattice tile, gathered per batch
+                neighbour = TokenGrid(features.tokens, features.token_index)
+            elif features.neighbour is None:
                 raise ValueError("This model needs neighbour features; extract them with neighbours=True.")
-            neighbour = features.neighbour  # numpy, possibly memory-mapped: moved to torch batch by batch
+            else:
+                neighbour = features.neighbour  # numpy, possibly memory-mapped: moved to torch batch by batch
+        # dense mode: batch the observations of one lattice tile together (their neighbour grids are one)
+        order = None
+        if isinstance(neighbour, TokenGrid):
+            order = np.argsort(neighbour.index[:, neighbour.index.shape[1] // 2].numpy(), kind="stable")
+        # predictions go chunk by chunk into one float32 host array: nothing (N, G) on the device
+        pred = np.empty((features.n_spots, len(self.genes)), dtype=np.float32)
         with torch.inference_mode():
-            pred = module.predict_slide(
+            chunks = module.iter_predictions(
                 torch.from_numpy(features.local).float(),
                 torch.from_numpy(features.coords_um).float(),
                 neighbour,
                 batch_size=batch_size,
+                order=order,
             )
+            for rows, chunk in chunks:
+                pred[rows] = chunk.cpu().numpy()
         self.module.cpu()
-        return pred.float().cpu().numpy()
+        return pred
 
     # ------------------------------------------------------------------------------------------ io
     def save(self, path: str | PathLike, *, overwrite: bool = False) -> Path:

@@ -136,7 +136,7 @@ def predict(
     info = sample_info(sdata, keys.shapes_key, None, exclude=[key_added])
     from anndata import AnnData
 
-    table = AnnData(X=pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(model.genes)))
+    table = AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=pd.DataFrame(index=pd.Index(model.genes)))
     table.obsm["spatial"] = feats.coords_um.astype(np.float64)
     table.uns[ATTRS_KEY] = _run_metadata(model, keys, info)
     if overview_px is not None:
