@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from genedml_sd._settings import settings
-from genedml_sd.tiling import LATTICE_VERSION, LatticePlan, LatticeTiler, SpotTiler, TileGeometry, plan_lattice
+from genedml_sd.tiling import LatticePlan, LatticeTiler, SpotTiler, TileGeometry, plan_lattice
 from genedml_sd.tiling import tile_loader as _tile_loader
 
 if TYPE_CHECKING:
@@ -173,17 +173,8 @@ def extract_dense(
         n_encoded / max(tiler.n_spots, 1),
         "interpolated from token grids" if interp else "pooled per containing tile",
     )
-    snap_um = plan.snap_px * tiler.um_per_px0
     meta = {
-        "lattice": {
-            "version": LATTICE_VERSION,
-            "pitch_um": float(g.tile_um),
-            "origin_px": [0.0, 0.0],
-            "n_tiles": int(plan.n_tiles),
-            "grid": int(g.grid if neighbours else 1),
-            "max_snap_um": float(snap_um.max()) if len(snap_um) else 0.0,
-            "mean_snap_um": float(snap_um.mean()) if len(snap_um) else 0.0,
-        },
+        "lattice": plan.meta(tiler.um_per_px0, g, grid=g.grid if neighbours else 1),
         "dense": {
             "version": DENSE_VERSION,
             "token_interpolation": interp,

@@ -448,15 +448,5 @@ def _extract_lattice(
     bar.close()
     neighbour = tokens[plan.token_index]
     neighbour[:, centre] = local  # the centre token is the exact local tile, as in spot mode
-    snap_um = plan.snap_px * tiler.um_per_px0
-    meta = {
-        "lattice": {
-            "version": LATTICE_VERSION,
-            "pitch_um": float(g.tile_um),
-            "origin_px": [0.0, 0.0],
-            "n_tiles": int(plan.n_tiles),
-            "max_snap_um": float(snap_um.max()) if len(snap_um) else 0.0,
-            "mean_snap_um": float(snap_um.mean()) if len(snap_um) else 0.0,
-        }
-    }
+    meta = {"lattice": plan.meta(tiler.um_per_px0, g)}
     return local, neighbour, n_encoded, meta

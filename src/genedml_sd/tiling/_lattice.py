@@ -67,6 +67,24 @@ class LatticePlan:
         """Row of ``cells`` of the lattice tile containing each spot's centre (its centre token), int64 (n_spots,)."""
         return self.token_index[:, self.token_index.shape[1] // 2]
 
+    def meta(self, um_per_px0: float, geometry: TileGeometry, *, grid: int | None = None) -> dict:
+        """JSON description of the lattice for cache metadata: version, pitch, origin, tiles, snapping (µm).
+
+        ``grid`` (the neighbour grid side the plan was made for) is recorded when given.
+        """
+        snap_um = self.snap_px * um_per_px0
+        out = {
+            "version": LATTICE_VERSION,
+            "pitch_um": float(geometry.tile_um),
+            "origin_px": [0.0, 0.0],
+            "n_tiles": int(self.n_tiles),
+        }
+        if grid is not None:
+            out["grid"] = int(grid)
+        out["max_snap_um"] = float(snap_um.max()) if len(snap_um) else 0.0
+        out["mean_snap_um"] = float(snap_um.mean()) if len(snap_um) else 0.0
+        return out
+
     def centres_px(self) -> np.ndarray:
         """Level-0 pixel centres ``(x, y)`` of the lattice tiles to encode, float64 (M, 2)."""
         return (self.cells + 0.5) * self.pitch_px
