@@ -195,7 +195,7 @@ def encoder_calls(
     geometry: TileGeometry | None = None,
     neighbours: bool = True,
 ) -> dict[str, int]:
-    """Tiles each feature mode of :func:`extract_features` would encode for one slide, without reading pixels.
+    """Tiles each feature mode of :func:`~genedml_sd.encoders.extract_features` would encode for one slide, without reading pixels.
 
     Computed from the image metadata and the observation centres only (vectorised: about 1 s for
     10^6 observations), e.g. to choose a mode before encoding.

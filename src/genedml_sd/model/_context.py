@@ -84,7 +84,7 @@ class SlideContext:
     coords_um
         Their centres in µm (N, 2).
     rows
-        The context rows, int64 (K,) (e.g. :func:`fixed_context_rows`).
+        The context rows, int64 (K,) (e.g. :func:`~genedml_sd.model.fixed_context_rows`).
     """
 
     def __init__(self, module: GeneDML, local_all: torch.Tensor, coords_um: torch.Tensor, rows: torch.Tensor) -> None:

@@ -197,7 +197,7 @@ def choose_feature_mode(
 ) -> tuple[str, dict[str, Any]]:
     """Resolve ``feature_mode="auto"`` for a set of slides from the encoder calls each mode would cost.
 
-    ``"dense"`` when the lattice has at most :data:`AUTO_DENSE_TILES_PER_OBS` tiles per observation
+    ``"dense"`` when the lattice has at most ``AUTO_DENSE_TILES_PER_OBS`` (0.5) tiles per observation
     (observations denser than tiles: Visium HD bins, cells, fine grids); else ``"lattice"`` when the
     model reads neighbour tokens and that costs fewer calls than ``"spot"`` (legacy ST, Visium); else
     ``"spot"`` (local-only methods on spots that do not share tiles). Counting reads spot centres and
@@ -206,7 +206,7 @@ def choose_feature_mode(
     Parameters
     ----------
     mode
-        ``"auto"`` or one of :data:`FEATURE_MODES` (returned unchanged).
+        ``"auto"`` or one of ``"spot"``, ``"lattice"``, ``"dense"`` (returned unchanged).
     slides
         ``(sdata, image_key, shapes_key)`` of every slide.
     geometry
