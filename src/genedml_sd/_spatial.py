@@ -276,16 +276,34 @@ def is_prediction_table(table: AnnData) -> bool:
     return isinstance(info, Mapping) and (info.get("kind") == PREDICTIONS_KIND or "method" in info)
 
 
+def feature_table_source(table: AnnData) -> str | None:
+    """Which tool wrote a table of tile embeddings: ``"sopa"``, ``"lazyslide"``, or ``None`` (not one).
+
+    sopa's ``compute_embeddings`` records ``uns["embedding_config"]``; wsidata's ``add_features`` (used by
+    LazySlide's ``feature_extraction``) links rows to tiles by ``obs["tile_id"]``, region key ``library_id``.
+    """
+    if isinstance(table.uns.get("embedding_config"), Mapping):
+        return "sopa"
+    attrs = table.uns.get("spatialdata_attrs", {})
+    if attrs.get("instance_key") == "tile_id" and attrs.get("region_key") == "library_id":
+        return "lazyslide"
+    return None
+
+
 def tables_annotating(
     sdata: SpatialData, shapes_key: str, *, predictions: bool = False, exclude: Sequence[str] = ()
 ) -> list[str]:
-    """Names of the tables annotating ``shapes_key``; prediction tables only with ``predictions=True``."""
+    """Names of the tables annotating ``shapes_key``; prediction tables only with ``predictions=True``.
+
+    Tables of tile embeddings written by sopa or LazySlide (:func:`feature_table_source`) are never counts.
+    """
     return [
         name
         for name, table in sdata.tables.items()
         if name not in exclude
         and shapes_key in table_regions(table)
         and (predictions or not is_prediction_table(table))
+        and feature_table_source(table) is None
     ]
 
 

@@ -5,6 +5,7 @@ from ._cross_validate import cross_validate, leave_one_group_out
 from ._evaluate import Evaluation, PairedExpression, evaluate, observed_and_predicted, score_predictions
 from ._features import EncoderRef, FeatureSpec, choose_feature_mode
 from ._fit import fit
+from ._imported import FeatureTable, describe_feature_table, table_features
 from ._methods import list_methods, register_method
 from ._metrics import per_gene_pearson
 from ._model import TrainedModel
@@ -28,11 +29,13 @@ __all__ = [
     "EncoderRef",
     "Evaluation",
     "FeatureSpec",
+    "FeatureTable",
     "PairedExpression",
     "TrainedModel",
     "aggregate_predictions",
     "choose_feature_mode",
     "cross_validate",
+    "describe_feature_table",
     "evaluate",
     "fit",
     "leave_one_group_out",
@@ -42,4 +45,5 @@ __all__ = [
     "predict",
     "register_method",
     "score_predictions",
+    "table_features",
 ]

@@ -63,6 +63,7 @@ def cross_validate(
     cache_dir: str | None = None,
     num_workers: int | None = None,
     feature_mode: str = "auto",
+    features_key: str | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out cross-validation (by default: leave one patient out).
@@ -92,6 +93,9 @@ def cross_validate(
         Training seed and length.
     %(extraction)s
     %(feature_mode)s
+    features_key
+        Read every slide's features from this table of tile embeddings (sopa / LazySlide) instead of
+        running ``encoder`` (see :func:`~genedml_sd.tl.fit`).
     **fit_kwargs
         Further :func:`genedml_sd.tl.fit` arguments (``batch_size``, ``accelerator``, config fields...).
 
@@ -125,31 +129,27 @@ def cross_validate(
     from genedml_sd.tiling import TileGeometry
 
     geometry = geometry or TileGeometry()
-    enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
-    # every fold reads these cached features; neighbour grids only for methods that use them
-    neighbours = _needs_neighbours(method, config, fit_kwargs, enc_dim=ref.embed_dim, genes=genes)
-    # "auto" is resolved once, from all slides' spot layouts (no expression is read), so every fold uses one mode
-    feature_mode, _ = choose_feature_mode(
-        feature_mode,
-        [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
-        geometry,
-        neighbours=neighbours,
-    )
-    spec = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
     extraction: dict[str, Any] = {"cache_dir": cache_dir, "num_workers": num_workers}
-    from genedml_sd.encoders import process_rank
-
-    feature_seconds = {}
-    if process_rank()[1] > 1:  # torchrun / srun: every process encodes a share of the slides
-        t0 = time.perf_counter()
-        spec.extract_many(
-            [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)], enc, **extraction
+    feature_seconds: dict[str, float] = {}
+    enc: FrozenEncoder | None = None
+    if features_key is not None:  # embeddings from sopa / LazySlide tables: nothing to encode
+        spec = FeatureSpec.from_table(list(zip(slides, names, strict=True)), features_key, geometry, neighbours=True)
+        fit_features: dict[str, Any] = {"features_key": features_key}
+        feature_mode = spec.mode
+    else:
+        enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+        # every fold reads these cached features; neighbour grids only for methods that use them
+        neighbours = _needs_neighbours(method, config, fit_kwargs, enc_dim=ref.embed_dim, genes=genes)
+        # "auto" is resolved once, from all slides' spot layouts (no expression is read), so every fold uses one mode
+        feature_mode, _ = choose_feature_mode(
+            feature_mode,
+            [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
+            geometry,
+            neighbours=neighbours,
         )
-        feature_seconds["all (sharded)"] = time.perf_counter() - t0
-    for s, k, name in zip(slides, keys, names, strict=True):
-        t0 = time.perf_counter()
-        spec.extract(s, enc, image_key=k.image_key, shapes_key=k.shapes_key, **extraction)
-        feature_seconds[name] = time.perf_counter() - t0
+        spec = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
+        fit_features = {"encoder": enc, "pretrained": pretrained, "weights": weights, "feature_mode": feature_mode}
+        _encode_once(spec, enc, slides, keys, names, extraction, feature_seconds)
 
     rows, per_slide = [], []
     for fold, (group, train_idx, test_idx) in enumerate(folds):
@@ -161,9 +161,6 @@ def cross_validate(
             table_key=table_key,
             layer=layer,
             genes=genes,
-            encoder=enc,
-            pretrained=pretrained,
-            weights=weights,
             geometry=geometry,
             method=method,
             config=config,
@@ -172,7 +169,7 @@ def cross_validate(
             max_epochs=max_epochs,
             cache_dir=cache_dir,
             num_workers=num_workers,
-            feature_mode=feature_mode,
+            **fit_features,
             **fit_kwargs,
         )
         t0 = time.perf_counter()
@@ -218,8 +215,8 @@ def cross_validate(
             "feature_seconds": feature_seconds,
             "method": method,
             "config": config if isinstance(config, str | dict) else config.to_dict(),
-            "encoder": enc.name,
-            "encoder_fingerprint": enc.fingerprint,
+            "encoder": spec.encoder.name,
+            "encoder_fingerprint": spec.encoder.fingerprint,
             "groups": groups if isinstance(groups, str) else labels,
             "seed": seed,
             "feature_mode": feature_mode,
@@ -230,6 +227,30 @@ def cross_validate(
 
 def _plain(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "leak_free_genes"}
+
+
+def _encode_once(
+    spec: FeatureSpec,
+    enc: FrozenEncoder,
+    slides: Sequence[SpatialData],
+    keys: Sequence[Any],
+    names: Sequence[str],
+    extraction: dict[str, Any],
+    seconds: dict[str, float],
+) -> None:
+    """Extract (and cache) every slide's features once, before the folds; seconds per slide into ``seconds``."""
+    from genedml_sd.encoders import process_rank
+
+    if process_rank()[1] > 1:  # torchrun / srun: every process encodes a share of the slides
+        t0 = time.perf_counter()
+        spec.extract_many(
+            [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)], enc, **extraction
+        )
+        seconds["all (sharded)"] = time.perf_counter() - t0
+    for s, k, name in zip(slides, keys, names, strict=True):
+        t0 = time.perf_counter()
+        spec.extract(s, enc, image_key=k.image_key, shapes_key=k.shapes_key, **extraction)
+        seconds[name] = time.perf_counter() - t0
 
 
 def _needs_neighbours(method: str, config: Any, fit_kwargs: dict[str, Any], *, enc_dim: int, genes: Any) -> bool:

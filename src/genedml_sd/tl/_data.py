@@ -82,7 +82,7 @@ def slide_tensors(
     slides: Sequence[SpatialData],
     keys: Sequence[SlideKeys],
     spec: FeatureSpec,
-    encoder: FrozenEncoder,
+    encoder: FrozenEncoder | None,
     *,
     genes: Sequence[str] | None,
     names: Sequence[str],
@@ -98,7 +98,7 @@ def slide_tensors(
     spec
         How features are made (encoder, geometry, mode, whether neighbour grids are read).
     encoder
-        The loaded frozen encoder of ``spec``.
+        The loaded frozen encoder of ``spec`` (``None`` in mode ``"table"``: features from a table).
     genes
         Target genes (log-normalised expression of each slide's counts table), or ``None`` for features only.
     names

@@ -27,6 +27,9 @@ FEATURE_MODES = ("spot", "lattice", "dense")
 """``"spot"``: every spot's own 5x5 neighbour grid (the paper's); ``"lattice"``: a tile lattice encoded once,
 exact spot-centred local tiles; ``"dense"``: only the lattice, local features read from it at each observation."""
 
+TABLE_MODE = "table"
+"""Mode of features read from a table of precomputed tile embeddings (sopa, LazySlide), see :func:`table_features`."""
+
 AUTO_DENSE_TILES_PER_OBS = 0.5
 """``feature_mode="auto"`` picks ``"dense"`` when the lattice has at most this many tiles per observation."""
 
@@ -90,19 +93,26 @@ class FeatureSpec:
         ``"spot"`` (each spot's own neighbour grid, ``grid**2`` encoder calls per spot), ``"lattice"``
         (a tile lattice over the tissue encoded once, neighbour tokens gathered from it, local tiles
         centred on each spot) or ``"dense"`` (the lattice only: local features read from it at each
-        observation, see :func:`~genedml_sd.encoders.extract_features`).
+        observation, see :func:`~genedml_sd.encoders.extract_features`) or ``"table"`` (embeddings
+        precomputed by sopa or LazySlide, read from the table ``table["key"]`` of each slide).
     neighbours
         Whether neighbour-grid features are read (``False`` for local-only methods).
+    table
+        Mode ``"table"``: the feature table the model was trained on (``key``, ``source``,
+        ``model_name``, ``tiles_key``, ``dim`` and the producer's tile settings); ``None`` otherwise.
     """
 
     encoder: EncoderRef
     geometry: TileGeometry
     mode: str = "spot"
     neighbours: bool = True
+    table: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in FEATURE_MODES:
+        if self.mode not in (*FEATURE_MODES, TABLE_MODE):
             raise ValueError(f"feature_mode must be one of {list(FEATURE_MODES)}, got {self.mode!r}.")
+        if (self.mode == TABLE_MODE) != (self.table is not None):
+            raise ValueError("A feature spec has a feature table exactly when its mode is 'table'.")
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -116,6 +126,7 @@ class FeatureSpec:
             "geometry": self.geometry.to_dict(),
             "mode": self.mode,
             "neighbours": self.neighbours,
+            "table": None if self.table is None else dict(self.table),
         }
 
     @classmethod
@@ -126,7 +137,36 @@ class FeatureSpec:
             geometry=TileGeometry.from_dict(d["geometry"]),
             mode=str(d.get("mode", "spot")),
             neighbours=bool(d.get("neighbours", True)),
+            table=d.get("table"),
         )
+
+    @classmethod
+    def from_table(
+        cls,
+        slides: Sequence[tuple[SpatialData, str]],
+        features_key: str,
+        geometry: TileGeometry,
+        *,
+        neighbours: bool,
+    ) -> FeatureSpec:
+        """The spec of features read from the table ``features_key`` of every slide ``(sdata, name)``.
+
+        Every slide's table must hold embeddings of the same model and width; the first slide's table
+        is recorded (see :func:`~genedml_sd.tl.describe_feature_table`).
+        """
+        from ._imported import describe_feature_table, table_summary
+
+        infos = [describe_feature_table(s, features_key) for s, _ in slides]
+        first = infos[0]
+        for (_, name), info in zip(slides, infos, strict=True):
+            if (info.model_name, info.dim) != (first.model_name, first.dim):
+                raise ValueError(
+                    f"Feature table {features_key!r} of slide {name!r} holds {info.dim}-d embeddings of "
+                    f"{info.encoder_name!r}, but the first slide's holds {first.dim}-d embeddings of "
+                    f"{first.encoder_name!r}; train on embeddings of one model."
+                )
+        ref = EncoderRef(first.encoder_name, True, None, f"table:{first.encoder_name}:{first.dim}", first.dim)
+        return cls(ref, geometry, TABLE_MODE, neighbours=neighbours, table=table_summary(slides[0][0], features_key))
 
     def extraction_kwargs(
         self,
@@ -149,16 +189,24 @@ class FeatureSpec:
     def extract(
         self,
         sdata: SpatialData,
-        encoder: FrozenEncoder,
+        encoder: FrozenEncoder | None,
         *,
         image_key: str,
         shapes_key: str,
         neighbours: bool | None = None,
         **kwargs: Any,
     ) -> SpotFeatures:
-        """Cached features of one slide (see :func:`~genedml_sd.encoders.extract_features`)."""
+        """Cached features of one slide (see :func:`~genedml_sd.encoders.extract_features`).
+
+        In mode ``"table"``, ``encoder`` is ``None`` and the features are read from the slide's table
+        ``features_key`` (default: the one of training), see :func:`table_features`.
+        """
         from genedml_sd.encoders import extract_features
 
+        if self.mode == TABLE_MODE:
+            return self.read_table(sdata, image_key=image_key, shapes_key=shapes_key, neighbours=neighbours)
+        if encoder is None:
+            raise ValueError(f"Features of mode {self.mode!r} are computed by an encoder: pass one.")
         self.encoder.check(encoder)
         return extract_features(
             sdata,
@@ -171,7 +219,7 @@ class FeatureSpec:
     def extract_many(
         self,
         slides: Sequence[tuple[SpatialData, str, str]],
-        encoder: FrozenEncoder,
+        encoder: FrozenEncoder | None,
         *,
         neighbours: bool | None = None,
         **kwargs: Any,
@@ -182,9 +230,47 @@ class FeatureSpec:
         """
         from genedml_sd.encoders import extract_features_sharded
 
+        if self.mode == TABLE_MODE:
+            return [self.read_table(s, image_key=i, shapes_key=k, neighbours=neighbours) for s, i, k in slides]
+        if encoder is None:
+            raise ValueError(f"Features of mode {self.mode!r} are computed by an encoder: pass one.")
         self.encoder.check(encoder)
         return extract_features_sharded(
             list(slides), encoder, **self.extraction_kwargs(neighbours=neighbours, **kwargs)
+        )
+
+    def read_table(
+        self,
+        sdata: SpatialData,
+        *,
+        image_key: str,
+        shapes_key: str,
+        features_key: str | None = None,
+        neighbours: bool | None = None,
+    ) -> SpotFeatures:
+        """Mode ``"table"``: the features of one slide from its table of tile embeddings.
+
+        The table (``features_key``, default the key of training) must hold embeddings of the same
+        model and width as the one of training; otherwise a ``ValueError`` names both.
+        """
+        from ._imported import describe_feature_table, table_features
+
+        assert self.table is not None
+        key = features_key or str(self.table["key"])
+        info = describe_feature_table(sdata, key)
+        if info.model_name != self.table["model_name"] or info.dim != int(self.table["dim"]):
+            raise ValueError(
+                f"Feature table {key!r} holds {info.dim}-d embeddings of {info.encoder_name!r}, but the model was "
+                f"trained on {self.table['dim']}-d embeddings of "
+                f"'{self.table['source']}:{self.table['model_name']}' (table {self.table['key']!r})."
+            )
+        return table_features(
+            sdata,
+            key,
+            image_key=image_key,
+            shapes_key=shapes_key,
+            grid=self.geometry.grid,
+            neighbours=self.neighbours if neighbours is None else neighbours,
         )
 
 

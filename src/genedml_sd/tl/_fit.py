@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from genedml_sd.pp import TARGET_SUM, select_genes
 from genedml_sd.tiling import TileGeometry
 
 from ._data import as_list, resolve_slide_keys, slide_info, slide_tensors
-from ._features import EncoderRef, FeatureSpec, choose_feature_mode
+from ._features import TABLE_MODE, EncoderRef, FeatureSpec, choose_feature_mode
 from ._model import TrainedModel
 
 if TYPE_CHECKING:
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from genedml_sd.encoders import FrozenEncoder
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "uni"
+"""The encoder of :func:`fit` by default: UNI, the paper's."""
 
 
 def resolve_encoder(
@@ -69,7 +73,7 @@ def fit(
     table_key: str | None = None,
     layer: str | None = None,
     genes: int | Sequence[str] = 250,
-    encoder: str | FrozenEncoder = "uni",
+    encoder: str | FrozenEncoder = DEFAULT_ENCODER,
     method: str = "gene-dml",
     pretrained: bool = True,
     weights: str | None = None,
@@ -89,6 +93,7 @@ def fit(
     num_workers: int | None = None,
     extraction_device: str | None = None,
     feature_mode: str = "auto",
+    features_key: str | None = None,
     checkpoint_dir: str | None = None,
     resume: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
@@ -116,6 +121,13 @@ def fit(
     extraction_device
         Device for the frozen encoder (default: CUDA when available).
     %(feature_mode)s
+    features_key
+        Train on tile embeddings already in each slide instead of running ``encoder``: the name of a
+        table written by sopa's ``compute_embeddings`` or LazySlide's ``feature_extraction`` (a table
+        annotating a shapes element of tiles, one embedding per tile), mapped to the observations by
+        position (see :func:`~genedml_sd.tl.table_features`). Every slide needs that table, from the
+        same model. The model records the table's model name and tile settings, and
+        :func:`~genedml_sd.tl.predict` reads the same kind of table on new slides.
     **config_overrides
         Fields of the method's config to override, e.g. ``k=25, lam=0.5`` for Gene-DML.
 
@@ -144,16 +156,25 @@ def fit(
         if len(set(gene_list)) != len(gene_list):
             raise ValueError("genes contains duplicates.")
 
-    enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+    enc: FrozenEncoder | None = None
+    if features_key is None:
+        enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+    else:
+        table_spec = _table_spec(slides, names, features_key, encoder, feature_mode, geometry)
+        ref = table_spec.encoder
     cfg = _build_config(spec.config, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
     neighbours = uses_neighbour_tiles(cfg)
-    feature_mode, mode_calls = choose_feature_mode(
-        feature_mode,
-        [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
-        geometry,
-        neighbours=neighbours,
-    )
-    features = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
+    if features_key is None:
+        feature_mode, mode_calls = choose_feature_mode(
+            feature_mode,
+            [(s, k.image_key, k.shapes_key) for s, k in zip(slides, keys, strict=True)],
+            geometry,
+            neighbours=neighbours,
+        )
+        features = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
+    else:
+        features = dataclasses.replace(table_spec, neighbours=neighbours)
+        mode_calls = {"table": 0}
     extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir}
     tensors = slide_tensors(
         slides, keys, features, enc, genes=gene_list, names=names, layer=layer, extraction=extraction
@@ -210,6 +231,24 @@ def fit(
         training=training,
         method=spec.name,
     )
+
+
+def _table_spec(
+    slides: Sequence[SpatialData],
+    names: Sequence[str],
+    features_key: str,
+    encoder: Any,
+    feature_mode: str,
+    geometry: TileGeometry,
+) -> FeatureSpec:
+    """The feature spec of ``fit(features_key=...)``; the encoder arguments must be left at their defaults."""
+    if not (isinstance(encoder, str) and encoder == DEFAULT_ENCODER):
+        raise ValueError("Pass either encoder= (features computed here) or features_key= (a table of embeddings).")
+    if feature_mode not in ("auto", TABLE_MODE):
+        raise ValueError(
+            f"features_key= reads features from a table: feature_mode must be 'auto', got {feature_mode!r}."
+        )
+    return FeatureSpec.from_table(list(zip(slides, names, strict=True)), features_key, geometry, neighbours=True)
 
 
 def uses_neighbour_tiles(config: Any) -> bool:

@@ -20,6 +20,7 @@ from genedml_sd._spatial import (
 )
 
 from ._data import resolve_slide_keys
+from ._features import TABLE_MODE
 from ._model import TrainedModel
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def predict(
     device: str | None = None,
     inplace: bool = True,
     overview_px: int | None = 2000,
+    features_key: str | None = None,
 ) -> AnnData | None:
     """Predict gene expression for every spot and add it as a table annotating the spots.
 
@@ -81,6 +83,9 @@ def predict(
     overview_px
         Longest side (px) of the image copy stored in ``uns["spatial"]`` so that scanpy / squidpy plots
         (``sq.pl.spatial_scatter(table, color=gene)``) draw the tissue; ``None`` stores no image.
+    features_key
+        For a model trained on a table of tile embeddings (``fit(features_key=...)``): the slide's table
+        of embeddings from the same model (default: the key used in training). Ignored otherwise.
 
     Returns
     -------
@@ -113,19 +118,31 @@ def predict(
     keys = resolve_slide_keys(sdata, image_key, shapes_key, None, need_table=False)
 
     _warn_few_shared_genes(sdata, keys.shapes_key, model.genes)
-    if encoder is None:
-        encoder = model.encoder.load(hf_token=hf_token)
-    model.encoder.check(encoder)
-    # features made exactly the way the model was trained on (encoder, geometry, mode, scales)
-    feats = model.features.extract(
-        sdata,
-        encoder,
-        image_key=keys.image_key,
-        shapes_key=keys.shapes_key,
-        cache_dir=cache_dir,
-        num_workers=num_workers,
-        device=device,
-    )
+    if model.features.mode == TABLE_MODE:  # embeddings precomputed by sopa / LazySlide
+        if encoder is not None:
+            raise ValueError("This model was trained on a table of embeddings (features_key=); do not pass encoder=.")
+        feats = model.features.read_table(
+            sdata, image_key=keys.image_key, shapes_key=keys.shapes_key, features_key=features_key
+        )
+    else:
+        if features_key is not None:
+            raise ValueError(
+                f"features_key={features_key!r}: this model computes its features with encoder "
+                f"{model.encoder.name!r}; it was not trained on a table of embeddings."
+            )
+        if encoder is None:
+            encoder = model.encoder.load(hf_token=hf_token)
+        model.encoder.check(encoder)
+        # features made exactly the way the model was trained on (encoder, geometry, mode, scales)
+        feats = model.features.extract(
+            sdata,
+            encoder,
+            image_key=keys.image_key,
+            shapes_key=keys.shapes_key,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+            device=device,
+        )
     pred = model.predict_features(feats, device=device)
 
     shapes = sdata[keys.shapes_key]
