@@ -15,17 +15,21 @@ from ._distributed import extract_features_sharded, process_rank
 from ._extract import SpotFeatures, extract_features
 from ._frozen import FrozenEncoder
 from ._specs import EncoderSpec
+from ._transforms import TTA_MODES, StainNormalizer, fit_stain_normalizer
 from ._weights import EncoderWeightsError
 
 __all__ = [
     "EncoderSpec",
     "EncoderWeightsError",
     "FrozenEncoder",
+    "StainNormalizer",
+    "TTA_MODES",
     "SpotFeatures",
     "UnknownEncoderError",
     "encoder_calls",
     "extract_features",
     "extract_features_sharded",
+    "fit_stain_normalizer",
     "get_spec",
     "list_encoders",
     "load_encoder",

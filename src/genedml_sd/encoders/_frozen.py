@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._specs import EncoderSpec
+from ._transforms import D4, StainNormalizer, check_tta, dihedral, dihedral_inverse
 
 RANDOM_INIT = "random-init-seed0"
 """Weights identity of a randomly initialised encoder (seed 0); part of its fingerprint."""
@@ -21,6 +22,15 @@ RANDOM_INIT = "random-init-seed0"
 def _fingerprint(spec: EncoderSpec, weights_id: str, extra: str = "") -> str:
     payload = json.dumps({"arch": spec.architecture(), "weights": weights_id, "extra": extra}, sort_keys=True)
     return f"{spec.name}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+
+
+def _transformed_fingerprint(base: str, name: str, tta: str | None, stain_norm: StainNormalizer | None) -> str:
+    """``base`` itself without transforms (existing caches stay valid), else a new ``"<name>-<sha256 prefix>"``."""
+    if tta is None and stain_norm is None:
+        return base
+    stain = None if stain_norm is None else stain_norm.identity
+    payload = json.dumps({"base": base, "tta": tta, "stain_norm": stain}, sort_keys=True)
+    return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
 
 
 class FrozenEncoder(nn.Module):
@@ -36,7 +46,12 @@ class FrozenEncoder(nn.Module):
     spec
         Its spec.
     fingerprint
-        Identity of the function computed (name, architecture, weights); used as cache key.
+        Identity of the backbone's function (name, architecture, weights).
+    tta
+        Test-time augmentation: ``None`` or ``"d4"`` (features averaged over the 8 rotations and
+        mirror images of each tile, see :meth:`with_transforms`).
+    stain_norm
+        Stain normalisation applied to the uint8 tiles first (:func:`fit_stain_normalizer`), or ``None``.
 
     Attributes
     ----------
@@ -49,19 +64,39 @@ class FrozenEncoder(nn.Module):
     fingerprint
         ``"<name>-<sha256 prefix>"`` of the architecture and the weights identity (the content
         sha256 of a weights file, local or from the Hub; ``"random-init-seed0"`` for random init;
-        the feature-definition version for builtins).
+        the feature-definition version for builtins), and of the tile transforms if any (then it
+        differs from ``base_fingerprint``); the feature cache key.
+    base_fingerprint
+        The fingerprint without the tile transforms.
+    tta, stain_norm
+        The tile transforms.
     """
 
     scale: torch.Tensor  # buffers (1, 3, 1, 1), registered in __init__
     shift: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, spec: EncoderSpec, fingerprint: str) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: EncoderSpec,
+        fingerprint: str,
+        *,
+        tta: str | None = None,
+        stain_norm: StainNormalizer | None = None,
+    ) -> None:
         super().__init__()
+        if stain_norm is not None and not isinstance(stain_norm, StainNormalizer):
+            raise TypeError(
+                f"stain_norm must be a StainNormalizer (see fit_stain_normalizer), got {type(stain_norm).__name__}."
+            )
         self.backbone = backbone
         self.spec = spec
         self.name = spec.name
         self.embed_dim = int(spec.embed_dim)
-        self.fingerprint = fingerprint
+        self.tta = check_tta(tta)
+        self.stain_norm = stain_norm
+        self.base_fingerprint = fingerprint
+        self.fingerprint = _transformed_fingerprint(fingerprint, spec.name, self.tta, stain_norm)
         std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
         # x / 255 normalised: (x / 255 - mean) / std = x * scale - shift
@@ -70,6 +105,35 @@ class FrozenEncoder(nn.Module):
         self._channels_last = spec.builder == "timm"
         self.requires_grad_(False)
         super().train(False)
+
+    def with_transforms(self, tta: str | None = None, stain_norm: StainNormalizer | None = None) -> FrozenEncoder:
+        """The same encoder with other tile transforms (sharing the backbone, on the same device).
+
+        Parameters
+        ----------
+        tta
+            ``"d4"``: each feature is the mean of the features of the tile's 8 dihedral transforms
+            (rotations by 0, 90, 180 and 270 degrees, with and without a left-right mirror), 8 backbone
+            passes per tile; :meth:`token_grid` maps every transform's grid back onto the tile before
+            averaging, so cells stay where their tissue is. ``None``: no augmentation.
+        stain_norm
+            A :class:`StainNormalizer` applied to the tiles before anything else, or ``None``.
+
+        Returns
+        -------
+        A new :class:`FrozenEncoder` whose :attr:`fingerprint` names the transforms (equal to
+        :attr:`base_fingerprint` without any). The transforms replace this encoder's own; the
+        encoder itself is unchanged.
+
+        Raises
+        ------
+        ValueError
+            Unknown ``tta``.
+        TypeError
+            ``stain_norm`` is not a :class:`StainNormalizer`.
+        """
+        out = FrozenEncoder(self.backbone, self.spec, self.base_fingerprint, tta=tta, stain_norm=stain_norm)
+        return out.to(self.scale.device)
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         """Keep eval mode whatever ``mode`` (the encoder is frozen).
@@ -95,9 +159,17 @@ class FrozenEncoder(nn.Module):
 
         Returns
         -------
-        Features (B, embed_dim), float32.
+        Features (B, embed_dim), float32 (with ``tta="d4"``: the mean over the 8 transforms).
         """
-        x = self._normalise(x)
+        x = self._prepare(x)
+        out = self._pooled(x)
+        if self.tta is None:
+            return out
+        for k, flip in D4[1:]:
+            out = out + self._pooled(self._view(x, k, flip))
+        return out / len(D4)
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.pool == "cls+mean":
             tokens = self._forward_features(x)
             n_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
@@ -149,6 +221,8 @@ class FrozenEncoder(nn.Module):
             patch size`` (14 x 14 for a 224 px ViT-x/16 tile: 8 µm cells on a 112 µm tile); pool
             ``"cls+mean"``: each cell is the class token concatenated with that patch token. CNNs:
             the last feature map (7 x 7 for a 224 px ResNet-50 tile), whose mean is the pooled feature.
+            With ``tta="d4"`` both are means over the 8 transforms of the tile, each transform's grid
+            mapped back (inverse rotation and mirror) onto the tile first.
 
         Raises
         ------
@@ -162,7 +236,17 @@ class FrozenEncoder(nn.Module):
                 f"Encoder {self.name!r} (builder {self.spec.builder!r}, pool {self.spec.pool!r}) has no spatial "
                 "token grid; use forward() (or a timm ViT / CNN encoder)."
             )
-        feats = self._forward_features(self._normalise(x))
+        x = self._prepare(x)
+        if self.tta is None:
+            return self._token_grid(x, kind)
+        pooled, grid = self._token_grid(x, kind)
+        for k, flip in D4[1:]:
+            p, g = self._token_grid(self._view(x, k, flip), kind)
+            pooled, grid = pooled + p, grid + dihedral_inverse(g, k, flip)
+        return pooled / len(D4), grid / len(D4)
+
+    def _token_grid(self, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self._forward_features(x)
         if kind == "cnn":
             if feats.ndim != 4 or feats.shape[1] != self.embed_dim:
                 raise TypeError(
@@ -201,6 +285,19 @@ class FrozenEncoder(nn.Module):
             raise TypeError(f"Encoder {self.name!r}: {n} patch tokens do not form a square grid.")
         return side, side
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Stain-normalised (if set), resized and normalised float tiles (B, 3, input_px, input_px)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Expected tiles of shape (B, 3, H, W), got {tuple(x.shape)}.")
+        if self.stain_norm is not None:
+            x = self.stain_norm(x)
+        return self._normalise(x)
+
+    def _view(self, x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+        """One dihedral transform of normalised tiles, in the backbone's memory format."""
+        y = dihedral(x, k, flip)
+        return y.contiguous(memory_format=torch.channels_last) if self._channels_last else y.contiguous()
+
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"Expected tiles of shape (B, 3, H, W), got {tuple(x.shape)}.")
@@ -221,7 +318,12 @@ class FrozenEncoder(nn.Module):
         return cast("Callable[[torch.Tensor], torch.Tensor]", self.backbone.forward_head)(feats)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, embed_dim={self.embed_dim}, fingerprint={self.fingerprint!r}"
+        out = f"name={self.name!r}, embed_dim={self.embed_dim}, fingerprint={self.fingerprint!r}"
+        if self.tta is not None:
+            out += f", tta={self.tta!r}"
+        if self.stain_norm is not None:
+            out += f", stain_norm={self.stain_norm.identity!r}"
+        return out
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
