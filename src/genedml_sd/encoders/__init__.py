@@ -9,7 +9,7 @@ feature at their own position from a tile lattice encoded once, and :func:`encod
 metadata only, how many tiles each mode would encode.
 """
 
-from ._catalogue import UnknownEncoderError, get_spec, list_encoders, load_encoder, register_encoder
+from ._catalogue import UnknownEncoderError, get_spec, list_encoders, load_encoder, register_encoder, wrap_encoder
 from ._dense import encoder_calls
 from ._distributed import extract_features_sharded, process_rank
 from ._extract import SpotFeatures, extract_features
@@ -35,4 +35,5 @@ __all__ = [
     "load_encoder",
     "process_rank",
     "register_encoder",
+    "wrap_encoder",
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ._specs import EncoderSpec
 from ._weights import EncoderWeightsError, file_sha256
@@ -119,3 +121,95 @@ def download_weights(spec: EncoderSpec, *, hf_token: str | None = None) -> Path:
         else:
             why = f"{kind}: {str(err).splitlines()[0][:300] if str(err) else ''}"
         raise fail(why, err) from err
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders named by a timm model name ("timm:<name>") or a timm model on the Hub ("hf-hub:<repo>")
+
+PREFIXES = ("timm:", "hf-hub:")
+
+
+def is_prefixed(name: object) -> bool:
+    """Whether ``name`` is a ``"timm:<name>"`` or ``"hf-hub:<org>/<repo>"`` encoder name."""
+    return isinstance(name, str) and name.startswith(PREFIXES)
+
+
+def prefixed_spec(name: str, timm_kwargs: Mapping[str, Any] | None = None) -> EncoderSpec:
+    """The spec of a ``"timm:<name>"`` or ``"hf-hub:<org>/<repo>"`` encoder.
+
+    The architecture is timm's (headless: ``num_classes=0``), the normalisation and input size
+    those of the model's pretrained config, the width the backbone's pooled width, the pooling its
+    own (``"token"`` for class-token ViTs, else ``"avg"``). ``"hf-hub:"`` reads the repository's
+    ``config.json`` (from the Hugging Face cache, or one download).
+
+    Parameters
+    ----------
+    name
+        ``"timm:vit_small_patch16_224.augreg_in21k"`` (any :func:`timm.list_models` name, with or
+        without a pretrained tag) or ``"hf-hub:1aurent/vit_small_patch16_224.lunit_dino"``.
+    timm_kwargs
+        Extra keyword arguments of :func:`timm.create_model` (e.g. ``mlp_layer`` as a dotted path).
+
+    Returns
+    -------
+    The :class:`EncoderSpec` (not registered).
+
+    Raises
+    ------
+    KeyError
+        Unknown timm model name.
+    EncoderWeightsError
+        The ``config.json`` of an ``"hf-hub:"`` repository cannot be had.
+    """
+    import timm
+    import torch
+
+    from ._build import _resolve_kwargs, pooled_width
+
+    kwargs: dict[str, Any] = {"num_classes": 0, **dict(timm_kwargs or {})}
+    if name.startswith("timm:"):
+        model = name.removeprefix("timm:")
+        if not model or not timm.is_model(model):
+            raise KeyError(
+                f"timm has no model named {model!r} (encoder {name!r}); see timm.list_models('*vit*'), "
+                "or use 'hf-hub:<org>/<repo>' for a timm model on the Hugging Face Hub."
+            )
+        arch = model
+        cfg = timm.models.get_pretrained_cfg(model)
+        cfg_dict = cfg.to_dict() if cfg is not None else {}
+        hub = cfg_dict.get("hf_hub_id") or None
+    else:
+        repo = name.removeprefix("hf-hub:")
+        try:
+            from timm.models._hub import load_model_config_from_hf
+
+            parsed = load_model_config_from_hf(repo)
+        except Exception as err:  # offline, gated, not found: say how to get it
+            raise EncoderWeightsError(
+                f"Could not read the timm config.json of {name!r} from the Hugging Face Hub "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). Allow network "
+                "access (HF_HUB_OFFLINE unset), log in for gated repositories (HF_TOKEN or `hf auth login`), or "
+                "have the repository in the Hugging Face cache."
+            ) from err
+        cfg_dict, arch, model_args = dict(parsed[0]), parsed[1], (parsed[2] if len(parsed) > 2 else {})
+        kwargs = {**dict(model_args or {}), **kwargs}
+        hub = repo
+    with torch.device("meta"):
+        backbone = timm.create_model(arch, pretrained=False, **_resolve_kwargs(kwargs))
+    pool = "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
+    size = cfg_dict.get("input_size") or (3, 224, 224)
+    filenames = tuple(dict.fromkeys([cfg_dict.get("hf_hub_filename") or "", "model.safetensors", "pytorch_model.bin"]))
+    return EncoderSpec(
+        name=name,
+        description=f"timm {arch}" + (f" (weights: {hub})" if hub else ""),
+        timm_name=arch,
+        hub_id=f"hf-hub:{hub}" if hub else None,
+        timm_kwargs=kwargs,
+        embed_dim=pooled_width(backbone, pool),
+        pool=pool,
+        mean=tuple(float(v) for v in cfg_dict.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg_dict.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]
+        input_px=int(size[-1]),
+        hub_filenames=tuple(f for f in filenames if f),
+        source=f"timm pretrained config of {arch}" + (f"; https://huggingface.co/{hub}" if hub else ""),
+    )

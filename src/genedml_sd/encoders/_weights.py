@@ -171,3 +171,216 @@ def load_weights(backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         if leftover:
             raise EncoderWeightsError(f"Encoder {name!r}: tensors not set by the weights: {_fmt_keys(leftover)}.")
     return backbone
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint layouts of other libraries -> timm
+#
+# Hugging Face ``transformers`` ViTModel / Dinov2Model (and Dinov2 with registers) hold the same
+# computation as timm's VisionTransformer (pre-norm blocks, one class token, learned absolute
+# position embeddings; layer scale and SwiGLU for DINOv2); only the names differ and query, key and
+# value are three Linear layers where timm has one ``qkv``. The per-block mapping:
+#
+#   layernorm_before | norm1                      -> norm1
+#   attention.attention.{query,key,value}         -> attn.qkv (concatenated, in that order)
+#   attention.output.dense                        -> attn.proj
+#   layer_scale1.lambda1 / layer_scale2.lambda1   -> ls1.gamma / ls2.gamma
+#   layernorm_after | norm2                       -> norm2
+#   intermediate.dense / output.dense (ViT)       -> mlp.fc1 / mlp.fc2
+#   mlp.fc1 / mlp.fc2, mlp.weights_in / weights_out (SwiGLU, DINOv2) -> mlp.fc1 / mlp.fc2
+#
+# (transformers >= 5 names these ``layers.N`` / ``attention.{q,k,v,o}_proj`` / ``mlp.{gate,up,down}_proj``
+# in its own state dicts, while the Hub files keep the names above; both are read) and outside the blocks: embeddings.cls_token -> cls_token, embeddings.register_tokens ->
+# reg_token, embeddings.position_embeddings -> pos_embed, embeddings.patch_embeddings.projection ->
+# patch_embed.proj, layernorm -> norm; mask_token and the pooler are dropped. Position embeddings
+# stored for another grid are resampled once to the architecture's grid exactly as transformers
+# resamples them at run time (bicubic, align_corners=False; antialiased for Dinov2WithRegisters,
+# recognised by its register tokens, not for ViT and Dinov2), so the timm model at
+# ``input_px`` computes what the transformers model computes at that size.
+
+_HF_BLOCK = {
+    "layernorm_before": "norm1",
+    "norm1": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "layernorm_after": "norm2",
+    "norm2": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.fc1",
+    "mlp.weights_out": "mlp.fc2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_HF_DROP = ("embeddings.mask_token", "pooler.")
+
+
+_HF5_RENAMES = (
+    (".attention.q_proj.", ".attention.attention.query."),
+    (".attention.k_proj.", ".attention.attention.key."),
+    (".attention.v_proj.", ".attention.attention.value."),
+    (".attention.o_proj.", ".attention.output.dense."),
+    (".mlp.down_proj.", ".mlp.weights_out."),
+)
+
+
+def _hf_hub_names(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the state-dict names of transformers >= 5 onto the names of the Hub checkpoints (no-op for those)."""
+    out: dict[str, torch.Tensor] = {}
+    gate_up: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key.startswith("layers."):
+            key = "encoder.layer." + key.removeprefix("layers.")
+        for old, new in _HF5_RENAMES:
+            key = key.replace(old, new)
+        for part in ("gate_proj", "up_proj"):
+            if f".mlp.{part}." in key:
+                stem, _, kind = key.rpartition(f".mlp.{part}.")
+                gate_up.setdefault(f"{stem}.mlp.weights_in.{kind}", {})[part] = value
+                break
+        else:
+            out[key] = value
+    for key, parts in gate_up.items():  # weights_in = [gate; up], as transformers splits it
+        if set(parts) != {"gate_proj", "up_proj"}:
+            raise EncoderWeightsError(f"Incomplete SwiGLU weights for {key}.")
+        out[key] = torch.cat([parts["gate_proj"], parts["up_proj"]], 0)
+    return out
+
+
+def _hf_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = _hf_hub_names(sd)
+    for prefix in ("vit.", "dinov2.", "model."):  # task-model wrappers around the bare backbone
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key.startswith(_HF_DROP):
+            continue
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+            continue
+        parts = key.split(".")
+        if key.startswith("encoder.layer.") and len(parts) > 4:
+            i, rest = parts[2], ".".join(parts[3:])
+            if rest.startswith("attention.attention."):
+                which, kind = parts[5], parts[6]  # query|key|value, weight|bias
+                qkv.setdefault((i, kind), {})[which] = value
+                continue
+            stem, _, kind = rest.rpartition(".")
+            if stem in _HF_BLOCK:
+                out[f"blocks.{i}.{_HF_BLOCK[stem]}.{kind}"] = value
+                continue
+            if rest in _HF_BLOCK:  # layer_scale*.lambda1 (no .weight/.bias)
+                out[f"blocks.{i}.{_HF_BLOCK[rest]}"] = value
+                continue
+        out[key] = value  # left for the strict check to report
+    for (i, kind), parts_ in qkv.items():
+        if set(parts_) != {"query", "key", "value"}:
+            raise EncoderWeightsError(f"Block {i}: incomplete attention {kind} (found {sorted(parts_)}).")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts_["query"], parts_["key"], parts_["value"]], 0)
+    return out
+
+
+def _resample_pos_embed(
+    pos: torch.Tensor, target: torch.Size | tuple[int, ...], n_prefix: int, antialias: bool = False
+) -> torch.Tensor:
+    """Position embeddings (1, n_prefix + g*g, C) resampled to ``target`` as transformers does."""
+    import torch.nn.functional as F
+
+    if tuple(pos.shape) == tuple(target) or pos.ndim != 3 or pos.shape[-1] != target[-1]:
+        return pos
+    n_old, n_new = pos.shape[1] - n_prefix, target[1] - n_prefix
+    g_old, g_new = round(n_old**0.5), round(n_new**0.5)
+    if g_old * g_old != n_old or g_new * g_new != n_new:
+        return pos
+    grid = pos[:, n_prefix:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1).to(pos.dtype)
+    return torch.cat([pos[:, :n_prefix], grid], 1)
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], key_map: str, backbone: nn.Module, *, drop_prefixes: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Map a checkpoint onto a timm architecture's parameter names (see :attr:`EncoderSpec.key_map`).
+
+    Parameters
+    ----------
+    state_dict
+        The checkpoint.
+    key_map
+        ``""`` (unchanged), ``"hf-vit"``, ``"hf-dinov2"`` (Hugging Face ``transformers`` layouts) or
+        ``"timm-swin-legacy"`` (Swin checkpoints of timm < 0.6, through timm's own
+        ``swin_transformer.checkpoint_filter_fn``).
+    backbone
+        The architecture (may be on the ``meta`` device): gives the target position-embedding shape.
+    drop_prefixes
+        Key prefixes to drop (modules removed from the architecture, e.g. ``("layer4.",)``).
+
+    Returns
+    -------
+    The converted state dict (still checked strictly by :func:`load_weights`).
+    """
+    sd = dict(state_dict)
+    if drop_prefixes:
+        sd = {k: v for k, v in sd.items() if not k.startswith(drop_prefixes)}
+    if key_map in ("hf-vit", "hf-dinov2"):
+        # transformers' Dinov2WithRegisters resamples with antialiasing, ViT and Dinov2 without
+        antialias = any(k.endswith("embeddings.register_tokens") for k in sd)
+        sd = _hf_to_timm(sd)
+        own = getattr(backbone, "pos_embed", None)
+        if "pos_embed" in sd and isinstance(own, torch.Tensor):
+            pos = sd["pos_embed"]  # transformers: (1, 1 + n, C), the class token's position first
+            if _embeds_class(backbone):
+                sd["pos_embed"] = _resample_pos_embed(pos, tuple(own.shape), 1, antialias)
+            else:
+                # timm models with registers add no position to the class token: fold it into the
+                # (constant) class token, which is exact
+                if "cls_token" in sd:
+                    sd["cls_token"] = sd["cls_token"] + pos[:, :1]
+                sd["pos_embed"] = _resample_pos_embed(pos[:, 1:], tuple(own.shape), 0, antialias)
+    elif key_map == "timm-swin-legacy":
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        sd = {k: v for k, v in sd.items() if "attn_mask" not in k and "relative_position_index" not in k}
+        sd = dict(checkpoint_filter_fn(sd, backbone))
+    elif key_map:
+        raise ValueError(f"Unknown key_map {key_map!r}.")
+    return sd
+
+
+def _embeds_class(backbone: nn.Module) -> bool:
+    return getattr(backbone, "cls_token", None) is not None and not getattr(backbone, "no_embed_class", False)
+
+
+def module_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes and values).
+
+    Parameters
+    ----------
+    module
+        The module (not on the ``meta`` device).
+
+    Returns
+    -------
+    Hex digest; equal for modules with equal tensors, whatever their device.
+    """
+    h = hashlib.sha256()
+    named = sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items())
+    for name, t in named:
+        if t.is_meta:
+            raise ValueError(f"Cannot fingerprint a module with tensors on the meta device ({name}).")
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -20,7 +20,7 @@ from ._fit import _build_config, fit, resolve_encoder, uses_neighbour_tiles
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-    from genedml_sd.encoders import FrozenEncoder
+    from genedml_sd.encoders import FrozenEncoder, StainNormalizer
     from genedml_sd.tiling import TileGeometry
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def cross_validate(
     num_workers: int | None = None,
     feature_mode: str = "auto",
     features_key: str | None = None,
+    tta: str | None = None,
+    stain_norm: StainNormalizer | None = None,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out cross-validation (by default: leave one patient out).
@@ -96,6 +98,8 @@ def cross_validate(
     features_key
         Read every slide's features from this table of tile embeddings (sopa / LazySlide) instead of
         running ``encoder`` (see :func:`~genedml_sd.tl.fit`).
+    tta, stain_norm
+        Tile transforms of the encoder (see :func:`~genedml_sd.tl.fit`).
     **fit_kwargs
         Further :func:`genedml_sd.tl.fit` arguments (``batch_size``, ``accelerator``, config fields...).
 
@@ -137,7 +141,9 @@ def cross_validate(
         fit_features: dict[str, Any] = {"features_key": features_key}
         feature_mode = spec.mode
     else:
-        enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+        enc, ref = resolve_encoder(
+            encoder, pretrained=pretrained, weights=weights, hf_token=hf_token, tta=tta, stain_norm=stain_norm
+        )
         # every fold reads these cached features; neighbour grids only for methods that use them
         neighbours = _needs_neighbours(method, config, fit_kwargs, enc_dim=ref.embed_dim, genes=genes)
         # "auto" is resolved once, from all slides' spot layouts (no expression is read), so every fold uses one mode

@@ -51,6 +51,11 @@ class EncoderRef:
         same fingerprint.
     embed_dim
         Feature width D.
+    tta
+        Test-time augmentation of the tiles (``"d4"``) or ``None``.
+    stain_norm
+        The stain normaliser of the tiles (:meth:`StainNormalizer.to_dict
+        <genedml_sd.encoders.StainNormalizer.to_dict>`) or ``None``.
     """
 
     name: str
@@ -58,17 +63,25 @@ class EncoderRef:
     weights: str | None
     fingerprint: str
     embed_dim: int
+    tta: str | None = None
+    stain_norm: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, encoder: FrozenEncoder, *, pretrained: bool, weights: str | None) -> EncoderRef:
-        """Reference of a loaded encoder."""
-        return cls(encoder.name, bool(pretrained), weights, encoder.fingerprint, int(encoder.embed_dim))
+        """Reference of a loaded encoder (with its tile transforms)."""
+        stain = None if encoder.stain_norm is None else encoder.stain_norm.to_dict()
+        return cls(
+            encoder.name, bool(pretrained), weights, encoder.fingerprint, int(encoder.embed_dim), encoder.tta, stain
+        )
 
     def load(self, **kwargs: Any) -> FrozenEncoder:
         """Load the encoder again (``kwargs`` such as ``hf_token`` go to :func:`~genedml_sd.encoders.load_encoder`)."""
-        from genedml_sd.encoders import load_encoder
+        from genedml_sd.encoders import StainNormalizer, load_encoder
 
-        return load_encoder(self.name, pretrained=self.pretrained, weights=self.weights, **kwargs)
+        stain = None if self.stain_norm is None else StainNormalizer.from_dict(self.stain_norm)
+        return load_encoder(
+            self.name, pretrained=self.pretrained, weights=self.weights, tta=self.tta, stain_norm=stain, **kwargs
+        )
 
     def check(self, encoder: FrozenEncoder) -> None:
         """Raise a ``ValueError`` if ``encoder`` is not this one (another architecture or weights)."""

@@ -22,7 +22,7 @@ from ._model import TrainedModel
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-    from genedml_sd.encoders import FrozenEncoder
+    from genedml_sd.encoders import FrozenEncoder, StainNormalizer
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +36,21 @@ def resolve_encoder(
     pretrained: bool = True,
     weights: str | None = None,
     hf_token: str | None = None,
+    tta: str | None = None,
+    stain_norm: StainNormalizer | None = None,
 ) -> tuple[FrozenEncoder, EncoderRef]:
-    """Load an encoder by name (or accept a loaded one) and return it with its reference."""
+    """Load an encoder by name (or accept a loaded one) and return it with its reference.
+
+    ``tta`` / ``stain_norm`` are applied to a loaded encoder too (replacing its own) when given.
+    """
     from genedml_sd.encoders import load_encoder
 
     if isinstance(encoder, str):
-        loaded = load_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+        loaded = load_encoder(
+            encoder, pretrained=pretrained, weights=weights, hf_token=hf_token, tta=tta, stain_norm=stain_norm
+        )
+    elif tta is not None or stain_norm is not None:
+        loaded = encoder.with_transforms(tta=tta, stain_norm=stain_norm)
     else:
         loaded = encoder
     return loaded, EncoderRef.of(loaded, pretrained=pretrained, weights=None if weights is None else str(weights))
@@ -94,6 +103,8 @@ def fit(
     extraction_device: str | None = None,
     feature_mode: str = "auto",
     features_key: str | None = None,
+    tta: str | None = None,
+    stain_norm: StainNormalizer | None = None,
     checkpoint_dir: str | None = None,
     resume: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
@@ -128,6 +139,13 @@ def fit(
         position (see :func:`~genedml_sd.tl.table_features`). Every slide needs that table, from the
         same model. The model records the table's model name and tile settings, and
         :func:`~genedml_sd.tl.predict` reads the same kind of table on new slides.
+    tta
+        ``"d4"``: every tile feature is the mean over the tile's 8 rotations / flips (8x encoder time).
+    stain_norm
+        Stain normalisation of every tile, a :class:`~genedml_sd.encoders.StainNormalizer` fitted on a
+        reference tile you choose (:func:`~genedml_sd.encoders.fit_stain_normalizer`, Macenko or
+        Reinhard). Both are part of the encoder's fingerprint (so of the feature cache key), are
+        recorded on the model, and are applied again by :func:`~genedml_sd.tl.predict`.
     **config_overrides
         Fields of the method's config to override, e.g. ``k=25, lam=0.5`` for Gene-DML.
 
@@ -158,8 +176,12 @@ def fit(
 
     enc: FrozenEncoder | None = None
     if features_key is None:
-        enc, ref = resolve_encoder(encoder, pretrained=pretrained, weights=weights, hf_token=hf_token)
+        enc, ref = resolve_encoder(
+            encoder, pretrained=pretrained, weights=weights, hf_token=hf_token, tta=tta, stain_norm=stain_norm
+        )
     else:
+        if tta is not None or stain_norm is not None:
+            raise ValueError("tta= and stain_norm= transform tiles for an encoder; features_key= reads embeddings.")
         table_spec = _table_spec(slides, names, features_key, encoder, feature_mode, geometry)
         ref = table_spec.encoder
     cfg = _build_config(spec.config, config, config_overrides, enc_dim=ref.embed_dim, n_genes=len(gene_list))
