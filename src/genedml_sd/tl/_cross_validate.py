@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METRICS = ["pcc_a", "pcc_h", "pcc_h_leak_free", "mse", "mae"]
+METRICS = ["pcc_a", "pcc_h", "pcc_h_leak_free", "mse", "mae", "reliability_rho"]
 
 
 def leave_one_group_out(groups: Sequence[str]) -> list[tuple[str, list[int], list[int]]]:
@@ -186,7 +186,12 @@ def cross_validate(
             pred = model.predict_features(feats)
             obs = slide_expression(s, k, model.genes, layer=layer)
             ev = score_predictions(
-                pred, obs, model.genes, reference_ranking=model.training["gene_ranking"], n_top=n_top
+                pred,
+                obs,
+                model.genes,
+                reference_ranking=model.training["gene_ranking"],
+                n_top=n_top,
+                reliability=model.training.get("gene_ranking_pcc"),
             )
             fold_scores.append(ev.summary)
             per_slide.append({"fold": fold, "test_group": group, "section": names[i], **_plain(ev.summary)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -69,6 +69,7 @@ def score_predictions(
     *,
     reference_ranking: Sequence[str] | None = None,
     n_top: int = N_TOP,
+    reliability: Mapping[str, float | None] | None = None,
 ) -> Evaluation:
     """Metrics of predicted vs observed log-normalised expression of one slide.
 
@@ -83,6 +84,11 @@ def score_predictions(
         constant on this slide define the leak-free PCC(H).
     n_top
         Number of genes of PCC(H).
+    reliability
+        A per-gene reliability estimate made without this slide (the model's
+        ``training["gene_ranking_pcc"]``, the PCC of each gene on the validation sections); adds
+        ``reliability_rho`` to the summary, the Spearman correlation over genes between it and the
+        test PCC (how well the estimate ranks the genes this slide shows to be well predicted).
     """
     genes = list(genes)
     per_gene = per_gene_pearson(pred, obs, genes)
@@ -103,7 +109,23 @@ def score_predictions(
         top = [g for g in reference_ranking if g in valid.index][:n_top]
         summary["pcc_h_leak_free"] = float(valid.loc[top].mean()) if top else np.nan
         summary["leak_free_genes"] = top
+    if reliability is not None:
+        summary["reliability_rho"] = reliability_spearman(reliability, valid)
     return Evaluation(per_gene, summary)
+
+
+def reliability_spearman(reliability: Mapping[str, float | None], test_pcc: pd.Series) -> float:
+    """Spearman correlation over genes between a reliability estimate and the test PCC (NaN below 3 genes).
+
+    Genes without an estimate (``None`` / NaN) or without a test PCC are left out.
+    """
+    from scipy.stats import spearmanr
+
+    est = pd.Series({g: np.nan if v is None else float(v) for g, v in reliability.items()}, dtype=float)
+    both = pd.concat([est.rename("est"), test_pcc.astype(float).rename("test")], axis=1, join="inner").dropna()
+    if len(both) < 3 or both["est"].nunique() < 2 or both["test"].nunique() < 2:
+        return float("nan")
+    return float(spearmanr(both["est"], both["test"]).statistic)
 
 
 @dataclass(frozen=True)
@@ -257,7 +279,9 @@ def evaluate(
 
     Returns
     -------
-    The per-gene metrics and the summary (see :class:`Evaluation`).
+    The per-gene metrics and the summary (see :class:`Evaluation`); when the prediction table has
+    ``var["reliability_pcc"]``, the summary's ``reliability_rho`` is the Spearman correlation over genes
+    between that estimate and the PCC measured here.
     """
     paired = observed_and_predicted(sdata, pred_key=pred_key, table_key=table_key, genes=genes, layer=layer)
     table_key, genes, obs, pred = paired.table_key, paired.genes, paired.observed, paired.predicted
@@ -265,7 +289,12 @@ def evaluate(
     info = pred_table.uns.get(ATTRS_KEY, {})
     if reference_ranking is None:
         reference_ranking = info.get("gene_ranking")
-    result = score_predictions(pred, obs, genes, reference_ranking=reference_ranking, n_top=n_top)
+    reliability = None
+    if "reliability_pcc" in pred_table.var:  # the model's per-gene estimate, made without this slide
+        reliability = pred_table.var["reliability_pcc"].to_dict()
+    result = score_predictions(
+        pred, obs, genes, reference_ranking=reference_ranking, n_top=n_top, reliability=reliability
+    )
     result.summary["table_key"] = table_key
     if inplace:
         store = dict(pred_table.uns.get(ATTRS_KEY, {}))

@@ -90,7 +90,10 @@ def predict(
     Returns
     -------
     ``None``, or the table if ``inplace=False``. The table has predicted log-normalised expression
-    in ``X`` (spots x genes, ``var_names`` = the model's genes), ``obs`` with the region and instance
+    in ``X`` (spots x genes, ``var_names`` = the model's genes), ``var["reliability_pcc"]`` and
+    ``var["reliability_rank"]`` (how far each gene's predictions can be trusted, estimated without
+    this slide: each gene's PCC on the model's validation sections),
+    ``obs`` with the region and instance
     columns linking each row to a spot (``TableModel`` metadata set), ``obsm["spatial"]`` spot centres
     in µm of the image's full-resolution pixel frame, run metadata in ``uns["genedml_sd"]``, and
     ``uns["spatial"][library_id]`` in the scanpy / squidpy layout: ``images["hires"]`` (an overview of
@@ -153,7 +156,7 @@ def predict(
     info = sample_info(sdata, keys.shapes_key, None, exclude=[key_added])
     from anndata import AnnData
 
-    table = AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=pd.DataFrame(index=pd.Index(model.genes)))
+    table = AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=gene_reliability(model))
     table.obsm["spatial"] = feats.coords_um.astype(np.float64)
     table.uns[ATTRS_KEY] = _run_metadata(model, keys, info)
     if overview_px is not None:
@@ -166,6 +169,26 @@ def predict(
         return table
     store_table(sdata, key_added, table, overwrite)
     return None
+
+
+def gene_reliability(model: TrainedModel) -> pd.DataFrame:
+    """``var`` of a prediction table: the model's genes with how far each can be trusted.
+
+    ``reliability_pcc`` is the PCC of the gene's predictions on the model's validation sections (held
+    out of training, never the slide predicted; on the training sections themselves, in-sample and
+    optimistic, when training had no validation section: see ``uns["genedml_sd"]["reliability_source"]``),
+    NaN for a gene constant there; ``reliability_rank`` ranks the genes by it (1 = most reliable).
+    """
+    scores = model.training.get("gene_ranking_pcc") or {}
+    pcc = np.array([np.nan if scores.get(g) is None else float(scores[g]) for g in model.genes], dtype=np.float64)
+    order = np.argsort(-np.nan_to_num(pcc, nan=-np.inf), kind="stable")
+    rank = np.empty(len(pcc), dtype=np.int64)
+    rank[order] = np.arange(1, len(pcc) + 1)
+    var = pd.DataFrame(index=pd.Index(model.genes))
+    if scores:
+        var["reliability_pcc"] = pcc
+        var["reliability_rank"] = rank
+    return var
 
 
 def store_table(sdata: SpatialData, key: str, table: AnnData, overwrite: bool) -> None:
@@ -216,6 +239,7 @@ def _run_metadata(model: TrainedModel, keys: Any, info: dict[str, Any]) -> dict[
     if model.training.get("gene_ranking"):
         # genes ranked on training data only: the leak-free PCC(H) of gd.tl.evaluate uses it
         meta["gene_ranking"] = list(model.training["gene_ranking"])
+        meta["reliability_source"] = str(model.training.get("gene_ranking_source", ""))
     return meta
 
 
