@@ -59,3 +59,29 @@ def test_cross_validate_reports_reliability_rho(demo):
     folds = res[~res["fold"].isin(["mean", "sd"])]
     assert "reliability_rho" in res.columns and np.isfinite(folds["reliability_rho"].astype(float)).all()
     assert ((folds["reliability_rho"].astype(float) >= -1) & (folds["reliability_rho"].astype(float) <= 1)).all()
+
+
+def test_ranking_on_large_slides_uses_a_sample_predicted_with_the_whole_slide(monkeypatch):
+    import torch
+
+    import genedml_sd.tl._fit as fit_mod
+    from genedml_sd.model import GeneDMLConfig, SlideTensors
+    from genedml_sd.model._modules import GeneDML
+
+    torch.manual_seed(0)
+    n, d, g = 5000, 8, 4
+    xy = np.stack(np.meshgrid(np.arange(100), np.arange(50)), -1).reshape(-1, 2) * 100.0
+    slide = SlideTensors(torch.randn(n, d), torch.from_numpy(xy).float(), torch.randn(n, 25, d), torch.randn(n, g), "s")
+    module = GeneDML(GeneDMLConfig(enc_dim=d, n_genes=g, dim=16, n_heads=2, context_size=256, gene_hidden=16))
+    module.prepare([slide])
+    module.eval()
+    monkeypatch.setattr(fit_mod, "RANKING_ROWS", 2048)
+    rows, pred = fit_mod._ranking_predictions(module, slide, batch=512)
+    expected_rows = np.sort(np.random.default_rng(0).choice(n, 2048, replace=False))
+    np.testing.assert_array_equal(np.sort(rows), expected_rows)
+    full = module.predict_slide(slide.local, slide.coords, slide.neighbour).numpy()
+    np.testing.assert_allclose(pred, full[rows], atol=1e-5)  # same context as the whole-slide prediction
+    small_rows, _ = fit_mod._ranking_predictions(
+        module, SlideTensors(slide.local[:100], slide.coords[:100], slide.neighbour[:100], slide.expr[:100], "t")
+    )
+    np.testing.assert_array_equal(small_rows, np.arange(100))

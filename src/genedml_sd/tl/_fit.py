@@ -273,6 +273,32 @@ def _table_spec(
     return FeatureSpec.from_table(list(zip(slides, names, strict=True)), features_key, geometry, neighbours=True)
 
 
+RANKING_ROWS = 100 * 1024
+"""Most observations per slide the gene ranking is computed on (a seeded random sample beyond that)."""
+
+
+def _ranking_predictions(module: Any, slide: Any, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and predictions (float32) of the observations of one slide the gene ranking uses.
+
+    All of them up to :data:`RANKING_ROWS`; on larger slides (10^6 bins) a seeded random sample of
+    that many, predicted with the whole slide as context, so ranking costs no more than 10^5 rows.
+    """
+    n = int(slide.n_spots)
+    if n <= RANKING_ROWS:
+        return np.arange(n), module.predict_slide(slide.local, slide.coords, slide.neighbour).float().cpu().numpy()
+    sample = np.sort(np.random.default_rng(0).choice(n, RANKING_ROWS, replace=False))
+    order = np.concatenate([sample, np.setdiff1d(np.arange(n), sample)])
+    rows, preds = [], []
+    chunks = module.iter_predictions(slide.local, slide.coords, slide.neighbour, batch_size=batch, order=order)
+    for r, p in chunks:  # batches follow `order`: the sample comes first (RANKING_ROWS is a multiple of batch)
+        rows.append(r)
+        preds.append(p.float().cpu().numpy())
+        if sum(len(x) for x in rows) >= RANKING_ROWS:
+            break
+    chunks.close()
+    return np.concatenate(rows), np.concatenate(preds)
+
+
 def uses_neighbour_tiles(config: Any) -> bool:
     """Whether a method config reads the 5x5 neighbour-tile features (its ``use_neighbour`` field, default no)."""
     return bool(getattr(config, "use_neighbour", False))
@@ -317,8 +343,8 @@ def _gene_ranking(module: Any, slides: Sequence[Any], genes: list[str]) -> tuple
     pcc = []
     with torch.inference_mode():
         for s in slides:
-            pred = module.predict_slide(s.local, s.coords, s.neighbour).float().cpu().numpy()
-            pcc.append(per_gene_pearson(pred, s.expr.numpy(), genes)["pcc"].to_numpy())
+            rows, pred = _ranking_predictions(module, s)
+            pcc.append(per_gene_pearson(pred, s.expr[rows].numpy(), genes)["pcc"].to_numpy())
     with warnings.catch_warnings():  # a gene constant on every ranking slide has no PCC: ranked last
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(np.vstack(pcc), axis=0) if pcc else np.zeros(len(genes))
