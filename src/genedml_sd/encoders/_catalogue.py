@@ -207,7 +207,7 @@ def load_encoder(
         ``"d4"``: test-time augmentation, every feature the mean over the tile's 8 rotations / flips
         (see :meth:`FrozenEncoder.with_transforms`); part of the fingerprint, so of the feature cache key.
     stain_norm
-        A :class:`StainNormalizer` (from :func:`fit_stain_normalizer` on a reference tile) applied to every
+        A :class:`~genedml_sd.encoders.StainNormalizer` (from :func:`~genedml_sd.encoders.fit_stain_normalizer` on a reference tile) applied to every
         tile first; part of the fingerprint.
 
     Returns

@@ -51,7 +51,7 @@ class FrozenEncoder(nn.Module):
         Test-time augmentation: ``None`` or ``"d4"`` (features averaged over the 8 rotations and
         mirror images of each tile, see :meth:`with_transforms`).
     stain_norm
-        Stain normalisation applied to the uint8 tiles first (:func:`fit_stain_normalizer`), or ``None``.
+        Stain normalisation applied to the uint8 tiles first (:func:`~genedml_sd.encoders.fit_stain_normalizer`), or ``None``.
 
     Attributes
     ----------
@@ -117,7 +117,7 @@ class FrozenEncoder(nn.Module):
             passes per tile; :meth:`token_grid` maps every transform's grid back onto the tile before
             averaging, so cells stay where their tissue is. ``None``: no augmentation.
         stain_norm
-            A :class:`StainNormalizer` applied to the tiles before anything else, or ``None``.
+            A :class:`~genedml_sd.encoders.StainNormalizer` applied to the tiles before anything else, or ``None``.
 
         Returns
         -------
@@ -130,7 +130,7 @@ class FrozenEncoder(nn.Module):
         ValueError
             Unknown ``tta``.
         TypeError
-            ``stain_norm`` is not a :class:`StainNormalizer`.
+            ``stain_norm`` is not a :class:`~genedml_sd.encoders.StainNormalizer`.
         """
         out = FrozenEncoder(self.backbone, self.spec, self.base_fingerprint, tta=tta, stain_norm=stain_norm)
         return out.to(self.scale.device)

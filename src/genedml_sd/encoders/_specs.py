@@ -66,7 +66,7 @@ class EncoderSpec:
         How a checkpoint's keys are mapped onto the architecture before strict loading: ``""`` (as
         they are), ``"hf-vit"`` (Hugging Face ``transformers`` ``ViTModel``), ``"hf-dinov2"``
         (``Dinov2Model``, with or without register tokens) or ``"timm-swin-legacy"`` (Swin
-        checkpoints of timm < 0.6); see :func:`~genedml_sd.encoders._weights.convert_state_dict`.
+        checkpoints of timm < 0.6); see ``genedml_sd.encoders._weights.convert_state_dict``.
     truncate_after
         For timm CNNs: the stage after which the network is cut (``"layer3"``: ResNet-50 up to its
         third stage, 1024 channels), the later stages removed and their checkpoint keys dropped.

@@ -142,7 +142,9 @@ def _masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torc
 
 @dataclass(frozen=True)
 class StainNormalizer:
-    """A stain normalisation fitted on a reference tile; make one with :func:`fit_stain_normalizer`.
+    """A stain normalisation fitted on a reference tile.
+
+    Make one with :func:`~genedml_sd.encoders.fit_stain_normalizer`.
 
     Call it on uint8 RGB tiles (B, 3, H, W) to get them with the reference's colours, uint8 of the
     same shape on the same device. Tiles with too little tissue (see ``min_tissue``), and for
@@ -342,7 +344,7 @@ def fit_stain_normalizer(
 
     Returns
     -------
-    The fitted :class:`StainNormalizer`.
+    The fitted :class:`~genedml_sd.encoders.StainNormalizer`.
 
     Raises
     ------

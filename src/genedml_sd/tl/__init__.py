@@ -5,6 +5,7 @@ from ._cross_validate import cross_validate, leave_one_group_out
 from ._evaluate import Evaluation, PairedExpression, evaluate, observed_and_predicted, score_predictions
 from ._features import EncoderRef, FeatureSpec, choose_feature_mode
 from ._fit import fit
+from ._hest import HESTSample, HESTTask, hest_benchmark, hest_linear_probe, hest_probe_task, load_hest_task
 from ._imported import FeatureTable, describe_feature_table, table_features
 from ._methods import list_methods, register_method
 from ._metrics import per_gene_pearson
@@ -30,6 +31,8 @@ __all__ = [
     "Evaluation",
     "FeatureSpec",
     "FeatureTable",
+    "HESTSample",
+    "HESTTask",
     "PairedExpression",
     "TrainedModel",
     "aggregate_predictions",
@@ -38,8 +41,12 @@ __all__ = [
     "describe_feature_table",
     "evaluate",
     "fit",
+    "hest_benchmark",
+    "hest_linear_probe",
+    "hest_probe_task",
     "leave_one_group_out",
     "list_methods",
+    "load_hest_task",
     "observed_and_predicted",
     "per_gene_pearson",
     "predict",

@@ -40,19 +40,17 @@ class HESTSample:
 
     Attributes
     ----------
-    sample_id
-        The ``sample_id`` of the split files.
-    barcodes
-        Spot barcodes (N,), from the patch file's ``barcode``.
+    sample_id, barcodes
+        The split files' ``sample_id``; the patch file's ``barcode`` (N,).
     features
         Frozen-encoder features (N, D) float32 of the 224 px patches.
     coords_px
-        Top-left corners (x, y) of the patches in source px (N, 2), the patch file's ``coords``.
+        The patch file's ``coords``: top-left corners (x, y) in source px (N, 2).
     centres_um
-        Patch centres (x, y) in µm (N, 2), from ``coords`` and the patch file's ``pixel_size`` /
-        ``patch_size_src`` attributes; ``None`` when the file does not record the pixel size.
+        Patch centres (x, y) in µm (N, 2), from ``coords`` and the patch attributes ``pixel_size`` and
+        ``patch_size_src``; ``None`` if the file does not record the pixel size.
     expression
-        ``log1p`` of the raw counts of the task's genes (N, G) float64, HEST's ``normalize=True``.
+        ``log1p`` of the raw counts of the task's genes (N, G) float64 (HEST's ``normalize=True``).
     """
 
     sample_id: str
@@ -71,6 +69,11 @@ class HESTTask:
     genes: list[str]
     samples: dict[str, HESTSample]
     splits: list[tuple[list[str], list[str]]] = field(default_factory=list)
+
+    def stack(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Features (n, D) and expression (n, G) of samples ``ids``, concatenated in that order."""
+        x = np.concatenate([self.samples[s].features for s in ids])
+        return x, np.concatenate([self.samples[s].expression for s in ids])
 
 
 def task_dirs(bench_dir: str | Path, tasks: Sequence[str] | None = None) -> list[Path]:
@@ -148,8 +151,6 @@ def _patch_meta(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     """Barcodes, top-left px (N, 2) and centres in µm (or ``None``) of one patch file, checking its keys."""
     import h5py
 
-    if not path.is_file():
-        raise FileNotFoundError(f"HEST patch file {str(path)!r} not found.")
     with h5py.File(path, "r") as f:
         for key in ("img", "coords", "barcode"):
             if key not in f:
@@ -161,8 +162,7 @@ def _patch_meta(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
         if not (len(barcodes) == len(coords) == img.shape[0]):
             raise ValueError(
-                f"{str(path)!r}: 'img', 'coords' and 'barcode' differ in length ({img.shape[0]}, {len(coords)}, "
-                f"{len(barcodes)})."
+                f"{str(path)!r}: 'img', 'coords', 'barcode' lengths differ: {img.shape[0]}, {len(coords)}, {len(barcodes)}."
             )
         attrs = {**dict(f["coords"].attrs), **dict(img.attrs)}
         side = img.shape[1]
@@ -243,10 +243,9 @@ def load_hest_task(
         ``log1p`` of the counts (HEST's default ``normalize=True``: ``log1p`` only, no total-count scaling).
     batch_size
         Tiles per encoder call.
-    device
-        Torch device; ``None`` picks CUDA when available.
-    precision
-        Autocast of the encoder: ``"auto"`` (bf16 on CUDA, none on the CPU), ``"32"``, ``"16"`` or ``"bf16"``.
+    device, precision
+        Torch device (``None``: CUDA when available); encoder autocast ``"auto"`` (bf16 on CUDA, none on
+        the CPU), ``"32"``, ``"16"`` or ``"bf16"``.
 
     Returns
     -------
@@ -339,6 +338,47 @@ def hest_linear_probe(
     return r, {"n_components": n_comp, "alpha": alpha, "predictions": pred}
 
 
+def hest_probe_task(
+    task: HESTTask, *, latent_dim: int = 256, seed: int = 1
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The HEST linear probe on every split of a loaded task.
+
+    Each split is scored by :func:`~genedml_sd.tl.hest_linear_probe`.
+
+    Returns
+    -------
+    The rows of :func:`~genedml_sd.tl.hest_benchmark` for this task (per split, then ``"mean"`` and ``"sd"``) and its
+    per-gene records ``{task, split, gene, pearson}``.
+    """
+    rows: list[dict[str, Any]] = []
+    per_gene: list[dict[str, Any]] = []
+    for i, (train_ids, test_ids) in enumerate(task.splits):
+        (x_tr, y_tr), (x_te, y_te) = task.stack(train_ids), task.stack(test_ids)
+        r, info = hest_linear_probe(x_tr, y_tr, x_te, y_te, latent_dim=latent_dim, seed=seed)
+        if np.isnan(r).any():
+            bad = [g for g, v in zip(task.genes, r, strict=True) if np.isnan(v)]
+            logger.warning("Task %s split %d: Pearson r undefined (constant) for %s.", task.name, i, bad)
+        rows.append(
+            {
+                "task": task.name,
+                "split": i,
+                "n_train": len(y_tr),
+                "n_test": len(y_te),
+                "pearson_mean": float(np.mean(r)),  # np.mean as HEST: NaN if a gene's r is undefined
+                "pearson_std": float(np.std(r)),
+                "n_components": info["n_components"],
+                "alpha": info["alpha"],
+            }
+        )
+        per_gene += [
+            {"task": task.name, "split": i, "gene": g, "pearson": float(v)} for g, v in zip(task.genes, r, strict=True)
+        ]
+    means = np.array([row["pearson_mean"] for row in rows])
+    rows.append({"task": task.name, "split": "mean", "pearson_mean": float(np.mean(means))})
+    rows.append({"task": task.name, "split": "sd", "pearson_mean": float(np.std(means))})  # ddof 0, as HEST
+    return rows, per_gene
+
+
 def hest_benchmark(
     bench_dir: str | Path,
     encoder: str | FrozenEncoder = "stain-texture",
@@ -356,7 +396,7 @@ def hest_benchmark(
 
     For every task, each sample's 224 px patches (112 µm at 0.5 µm/px) are encoded once; for every split
     ``i``, the features of the samples of ``train_i.csv`` fit ``StandardScaler -> PCA -> Ridge`` and the
-    samples of ``test_i.csv`` are scored (:func:`hest_linear_probe`): the Pearson r of each gene over all
+    samples of ``test_i.csv`` are scored (:func:`~genedml_sd.tl.hest_linear_probe`): the Pearson r of each gene over all
     test spots, averaged over genes. Targets are ``log1p`` of the raw counts of the task's genes.
     As HEST-Library does (``src/hest/bench/benchmark.py``), a task's score is the mean over its splits and
     its spread their population standard deviation (``np.std``, ddof 0).
@@ -399,14 +439,12 @@ def hest_benchmark(
     Raises
     ------
     FileNotFoundError
-        No benchmark folder, task without ``splits/``, unpaired split files, missing patch, expression or
-        gene-list file (each naming the path).
+        No such folder, a task without ``splits/``, unpaired split files, a missing patch, adata or gene file.
     KeyError
         A patch file without ``img`` / ``coords`` / ``barcode``, a gene list without ``"genes"``, genes or
-        barcodes missing from an ``adata`` file (naming it).
+        barcodes missing from an adata file. Every message names the file.
     ValueError
-        Split files without the ``sample_id, patches_path, expr_path`` columns, or a sample in both the
-        train and the test file of a split.
+        Split files without the columns ``sample_id, patches_path, expr_path``, or a sample in train and test.
     """
     from ._fit import resolve_encoder
 
@@ -423,34 +461,9 @@ def hest_benchmark(
         )
         seconds[task.name] = time.perf_counter() - t0
         genes_of[task.name] = task.genes
-        task_rows = []
-        for i, (train_ids, test_ids) in enumerate(task.splits):
-            x_tr, y_tr = _stack(task, train_ids)
-            x_te, y_te = _stack(task, test_ids)
-            r, info = hest_linear_probe(x_tr, y_tr, x_te, y_te, latent_dim=latent_dim, seed=seed)
-            if np.isnan(r).any():
-                bad = [g for g, v in zip(task.genes, r, strict=True) if np.isnan(v)]
-                logger.warning("Task %s split %d: Pearson r undefined (constant) for %s.", task.name, i, bad)
-            task_rows.append(
-                {
-                    "task": task.name,
-                    "split": i,
-                    "n_train": len(y_tr),
-                    "n_test": len(y_te),
-                    "pearson_mean": float(np.mean(r)),
-                    "pearson_std": float(np.std(r)),
-                    "n_components": info["n_components"],
-                    "alpha": info["alpha"],
-                }
-            )
-            per_gene += [
-                {"task": task.name, "split": i, "gene": g, "pearson": float(v)}
-                for g, v in zip(task.genes, r, strict=True)
-            ]
-        means = np.array([row["pearson_mean"] for row in task_rows])
+        task_rows, task_genes = hest_probe_task(task, latent_dim=latent_dim, seed=seed)
         rows += task_rows
-        rows.append({"task": task.name, "split": "mean", "pearson_mean": float(np.mean(means))})
-        rows.append({"task": task.name, "split": "sd", "pearson_mean": float(np.std(means))})
+        per_gene += task_genes
     out = pd.DataFrame(rows).astype({"split": object})
     out.attrs.update(
         {
@@ -464,10 +477,3 @@ def hest_benchmark(
         }
     )
     return out
-
-
-def _stack(task: HESTTask, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Features and expression of some samples, concatenated in the split file's order."""
-    x = np.concatenate([task.samples[s].features for s in ids])
-    y = np.concatenate([task.samples[s].expression for s in ids])
-    return x, y
