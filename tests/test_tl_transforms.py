@@ -56,3 +56,8 @@ def test_transforms_are_recorded_and_reapplied(demo, registered, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="fingerprint"):  # the plain encoder is not the one of training
         gd.tl.predict(c2, loaded, encoder=plain, inplace=False)
+
+
+def test_a_raw_module_as_encoder_says_how_to_wrap_it(demo):
+    with pytest.raises(TypeError, match="wrap_encoder"):
+        gd.tl.fit(demo[1], encoder=ColourStats(), genes=5, max_epochs=1)

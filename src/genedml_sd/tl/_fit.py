@@ -43,8 +43,14 @@ def resolve_encoder(
 
     ``tta`` / ``stain_norm`` are applied to a loaded encoder too (replacing its own) when given.
     """
-    from genedml_sd.encoders import load_encoder
+    from genedml_sd.encoders import FrozenEncoder, load_encoder
 
+    if not isinstance(encoder, str | FrozenEncoder):
+        raise TypeError(
+            f"encoder must be a registered name, 'timm:<name>', 'hf-hub:<org>/<repo>' or a FrozenEncoder, got "
+            f"{type(encoder).__name__}; wrap your own network (B, 3, H, W) -> (B, D) once with "
+            "gd.encoders.wrap_encoder(module, name=..., mean=..., std=...) and pass the result."
+        )
     if isinstance(encoder, str):
         loaded = load_encoder(
             encoder, pretrained=pretrained, weights=weights, hf_token=hf_token, tta=tta, stain_norm=stain_norm
