@@ -85,3 +85,30 @@ def test_ranking_on_large_slides_uses_a_sample_predicted_with_the_whole_slide(mo
         module, SlideTensors(slide.local[:100], slide.coords[:100], slide.neighbour[:100], slide.expr[:100], "t")
     )
     np.testing.assert_array_equal(small_rows, np.arange(100))
+
+
+def test_gene_reliability_plot(demo, ridge):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import spatialdata as sd
+
+    b4 = demo[0]
+    s = sd.SpatialData(images=dict(b4.images), shapes=dict(b4.shapes), tables=dict(b4.tables), attrs=dict(b4.attrs))
+    gd.tl.predict(s, ridge)
+    table = s.tables["gd_predictions"]
+    fig = gd.pl.gene_reliability(table)
+    y = fig.axes[0].lines[0].get_ydata()
+    expected = np.sort(table.var["reliability_pcc"].dropna().to_numpy())[::-1]
+    np.testing.assert_allclose(y[: len(expected)], expected)
+    ev = gd.tl.evaluate(s, inplace=False)
+    fig = gd.pl.gene_reliability(table, ev)
+    assert f"rho = {ev.summary['reliability_rho']:.2f}" in fig.axes[0].get_title()
+    with pytest.raises(KeyError, match="reliability_pcc"):
+        gd.pl.gene_reliability(_without_reliability(table))
+
+
+def _without_reliability(table):
+    t = table.copy()
+    del t.var["reliability_pcc"]
+    return t

@@ -5,7 +5,8 @@ are rendered with spatialdata-plot, imported on first use (as are matplotlib and
 """
 
 from ._predictions import predicted_vs_observed
+from ._reliability import gene_reliability
 from ._scores import gene_scores
 from ._training import training_curves
 
-__all__ = ["gene_scores", "predicted_vs_observed", "training_curves"]
+__all__ = ["gene_reliability", "gene_scores", "predicted_vs_observed", "training_curves"]
