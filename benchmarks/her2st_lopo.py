@@ -4,7 +4,8 @@ All methods (Gene-DML, its ablations, NH2ST and the baselines) are cross-validat
 cached frozen-encoder features in one run. For each fold the genes, normalisation, validation
 section (early stopping) and the leak-free PCC(H) gene ranking come from the training patients
 only. Prints a markdown table (method x MSE, MAE, PCC(A), PCC(H) paper-style, PCC(H) leak-free,
-train time) and writes JSON with per-fold values, encoder, device and seed. With the full 36-section
+reliability rho: the Spearman correlation over genes between each gene's validation PCC and its test
+PCC, train time) and writes JSON with per-fold values, encoder, device and seed. With the full 36-section
 data set (``--root`` pointing at it) the same script runs the paper's 8-fold protocol. It runs
 unchanged on a GPU.
 
@@ -12,6 +13,7 @@ unchanged on a GPU.
     python benchmarks/her2st_lopo.py --epochs 12 --repeat 1           # CPU run in the docs, with a same-seed rerun
     python benchmarks/her2st_lopo.py --feature-mode lattice           # ~5 instead of 25 encoder calls per spot
     python benchmarks/her2st_lopo.py --encoder uni --pretrained 0     # random-init ViT-L/16 (UNI shape)
+    python benchmarks/her2st_lopo.py --epochs 12 --methods gene-dml ridge bleep --tag reliability
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def main() -> None:
         mean = df[df["fold"] == "mean"].iloc[0]
         sd = df[df["fold"] == "sd"].iloc[0]
         row = {"method": label, "wall_s": wall, "train_s": float(folds["train_seconds"].sum())}
-        for m in ("mse", "mae", "pcc_a", "pcc_h", "pcc_h_leak_free"):
+        for m in ("mse", "mae", "pcc_a", "pcc_h", "pcc_h_leak_free", "reliability_rho"):
             row[m] = float(mean[m])
             row[f"{m}_sd"] = float(sd[m])
         rows.append(row)
@@ -132,10 +134,11 @@ def main() -> None:
             "PCC(A)": f"{r['pcc_a']:.3f} ± {r['pcc_a_sd']:.3f}",
             "PCC(H) paper": f"{r['pcc_h']:.3f}",
             "PCC(H) leak-free": f"{r['pcc_h_leak_free']:.3f}",
+            "reliability rho": f"{r['reliability_rho']:.2f} ± {r['reliability_rho_sd']:.2f}",
             "train s": f"{r['train_s']:.0f}",
         }
 
-    cols = ["method", "MSE", "MAE", "PCC(A)", "PCC(H) paper", "PCC(H) leak-free", "train s"]
+    cols = ["method", "MSE", "MAE", "PCC(A)", "PCC(H) paper", "PCC(H) leak-free", "reliability rho", "train s"]
     dev = device_info()
     print(
         f"\nHER2ST leave-one-patient-out, {len(slides)} sections, encoder {args.encoder} "
