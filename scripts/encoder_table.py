@@ -39,10 +39,14 @@ def _pool(pool: str, builder: str, pools: dict[str, str]) -> str:
 
 
 def render() -> str:
-    """The markdown table of every registered encoder (width, input, pooling, normalisation, licence)."""
-    from genedml_sd.encoders import list_encoders
+    """The markdown table of the package's encoders (width, input, pooling, normalisation, licence).
 
-    df = list_encoders()
+    Only the default entries: encoders registered at run time (by users, or by tests) are not listed.
+    """
+    from genedml_sd.encoders import list_encoders
+    from genedml_sd.encoders._zoo import ZOO
+
+    df = list_encoders().loc[[spec.name for spec, _ in ZOO]]
     pools = {"token": "class token", "avg": "average", "cls+mean": "class + mean patch"}
     lines = [
         "| name | D | input px | pooling | normalisation | licence | gated | commercial use |",
