@@ -70,6 +70,18 @@ def _keep_near(corners: np.ndarray, side: int, points_px: np.ndarray | None, mar
     return dist <= side / np.sqrt(2) + margin_px
 
 
+def _tile_corners(
+    sdata: SpatialData, image_key: str, side: int, stride: int, near_shapes: str | None, margin_px: float
+) -> np.ndarray:
+    """Top-left corners (x, y), level-0 px, of the lattice tiles over the image kept near ``near_shapes``."""
+    from genedml_sd._spatial import image_levels, spots_to_pixels
+
+    level0 = image_levels(sdata[image_key])[0]
+    corners = _lattice(int(level0.sizes["x"]), int(level0.sizes["y"]), side, stride)
+    points = None if near_shapes is None else spots_to_pixels(sdata, near_shapes, image_key)
+    return corners[_keep_near(corners, side, points, margin_px)]
+
+
 def add_sopa_embeddings(
     sdata: SpatialData,
     encoder: FrozenEncoder,
@@ -114,14 +126,7 @@ def add_sopa_embeddings(
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import get_transformation
 
-    from genedml_sd._spatial import image_levels, spots_to_pixels
-
-    level0 = image_levels(sdata[image_key])[0]
-    height, width = int(level0.sizes["y"]), int(level0.sizes["x"])
-    stride = patch_width - patch_overlap
-    corners = _lattice(width, height, patch_width, stride)
-    points = None if near_shapes is None else spots_to_pixels(sdata, near_shapes, image_key)
-    corners = corners[_keep_near(corners, patch_width, points, margin_px)]
+    corners = _tile_corners(sdata, image_key, patch_width, patch_width - patch_overlap, near_shapes, margin_px)
     boxes = [box(x, y, x + patch_width, y + patch_width) for x, y in corners]
     patches = ShapesModel.parse(
         gpd.GeoDataFrame({"geometry": boxes}), transformations=get_transformation(sdata[image_key], get_all=True)
@@ -192,14 +197,10 @@ def add_lazyslide_features(
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import get_transformation
 
-    from genedml_sd._spatial import get_pixel_size, image_levels, spots_to_pixels
+    from genedml_sd._spatial import get_pixel_size
 
-    level0 = image_levels(sdata[image_key])[0]
-    height, width = int(level0.sizes["y"]), int(level0.sizes["x"])
     stride = int(stride_px or tile_px)
-    corners = _lattice(width, height, tile_px, stride)
-    points = None if near_shapes is None else spots_to_pixels(sdata, near_shapes, image_key)
-    corners = corners[_keep_near(corners, tile_px, points, margin_px)]
+    corners = _tile_corners(sdata, image_key, tile_px, stride, near_shapes, margin_px)
     gdf = gpd.GeoDataFrame(
         {
             "tile_id": np.arange(len(corners)),
