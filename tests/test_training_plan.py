@@ -127,6 +127,22 @@ def test_a_method_from_outside_trains_end_to_end(registry):
     assert torch.equal(fresh.predict_slide(val.local, val.coords, batch_size=7), pred)
 
 
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_learning_rate_schedule_steps_per_epoch_or_per_optimiser_step(registry, interval):
+    register_method("test-linear", config=LinearConfig, module=LinearHead)
+    train = linear_slides(n=120, n_slides=2)[0]  # 2 slides x 3 batches of 40 spots: 6 optimiser steps per epoch
+    cfg = LinearConfig(enc_dim=D, n_genes=G, step_size=4, gamma=0.5, lr_interval=interval)
+    res = train_method("test-linear", train, None, cfg, TrainArgs(max_epochs=5, batch_size=40, **CPU))
+    lrs = [h["lr"] for h in res.history]  # the rate after each epoch's last step
+    if interval == "epoch":  # halved every 4 epochs: after epochs 0..4 the scheduler has stepped 1..5 times
+        expected = [0.05 * 0.5 ** ((e + 1) // 4) for e in range(5)]
+    else:  # halved every 4 optimiser steps: 6 (e + 1) steps after epoch e
+        expected = [0.05 * 0.5 ** (6 * (e + 1) // 4) for e in range(5)]
+    assert lrs == pytest.approx(expected)
+    with pytest.raises(ValueError, match="lr_interval must be 'epoch' or 'step', got 'batch'"):
+        LinearConfig(enc_dim=D, n_genes=G, lr_interval="batch")
+
+
 def test_register_method_errors(registry):
     register_method("test-linear", config=LinearConfig, module=LinearHead)
     with pytest.raises(ValueError, match="already registered"):
@@ -167,7 +183,7 @@ def test_method_config_base():
     assert cfg.scales == ("local",) and not cfg.use_neighbour and not cfg.use_global
     assert [f.name for f in dataclasses.fields(cfg)][:2] == ["enc_dim", "n_genes"]
     assert cfg.to_dict() == {"enc_dim": D, "n_genes": G, "lr": 0.05, "weight_decay": 0.0, "step_size": 20,
-                             "gamma": 0.95, "init_scale": 0.0}  # fmt: skip
+                             "gamma": 0.95, "lr_interval": "epoch", "init_scale": 0.0}  # fmt: skip
     assert LinearConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(lr=0.1).lr == 0.1 and cfg.lr == 0.05
     with pytest.raises(TypeError, match=r"Unknown LinearConfig fields: \['bogus', 'zzz'\]"):

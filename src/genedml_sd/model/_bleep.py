@@ -54,8 +54,9 @@ class BLEEPConfig(TrainedConfig):
         Size of the reference bank (all training spots); set for training by :meth:`for_training`.
     lr, weight_decay
         AdamW learning rate and weight decay (BLEEP: 1e-3, 1e-3).
-    step_size, gamma
-        StepLR schedule (epochs, factor); ``gamma=1`` keeps the rate constant, as in BLEEP.
+    step_size, gamma, lr_interval
+        StepLR schedule: the rate is multiplied by ``gamma`` every ``step_size`` units of ``lr_interval``
+        (``"epoch"``, as the paper states, or ``"step"``: optimiser steps); ``gamma=1`` keeps the rate constant, as in BLEEP.
     use_local, use_neighbour, use_global
         Scale switches, fixed to local only.
     """

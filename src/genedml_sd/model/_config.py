@@ -73,8 +73,9 @@ class GeneDMLConfig(TrainedConfig):
         Weight lambda of the instance-group loss.
     lr, weight_decay
         Adam learning rate and weight decay.
-    step_size, gamma
-        StepLR schedule (epochs, factor).
+    step_size, gamma, lr_interval
+        StepLR schedule: the rate is multiplied by ``gamma`` every ``step_size`` units of ``lr_interval``
+        (``"epoch"``, as the paper states, or ``"step"``: optimiser steps).
     pos_min_um, pos_max_um
         Shortest and longest wavelength (µm) of the 2-D sinusoidal encoding of spot positions in
         the global branch.

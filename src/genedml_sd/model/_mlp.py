@@ -41,8 +41,9 @@ class MLPConfig(TrainedConfig):
         Dropout after the hidden layer.
     lr, weight_decay
         Adam learning rate and weight decay.
-    step_size, gamma
-        StepLR schedule (epochs, factor).
+    step_size, gamma, lr_interval
+        StepLR schedule: the rate is multiplied by ``gamma`` every ``step_size`` units of ``lr_interval``
+        (``"epoch"``, as the paper states, or ``"step"``: optimiser steps).
     use_local, use_neighbour, use_global
         Scale switches, fixed to local only.
     """

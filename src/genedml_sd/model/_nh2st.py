@@ -85,8 +85,9 @@ class NH2STConfig(TrainedConfig):
         Weights of the query contrastive loss, neighbour contrastive loss and decoder MSE.
     lr, weight_decay
         Adam learning rate and weight decay.
-    step_size, gamma
-        StepLR schedule (epochs, factor).
+    step_size, gamma, lr_interval
+        StepLR schedule: the rate is multiplied by ``gamma`` every ``step_size`` units of ``lr_interval``
+        (``"epoch"``, as the paper states, or ``"step"``: optimiser steps).
     pitch_um
         Lattice pitch of the spots in µm; ``None`` estimates it per slide.
     use_local, use_neighbour, use_global

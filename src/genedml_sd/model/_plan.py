@@ -30,7 +30,8 @@ class TrainingPlan(pl.LightningModule):
     * Validation: each validation slide is predicted whole with ``module.predict_slide``; logs
       ``val/pcc`` (mean per-gene Pearson r) and ``val/mse``. ``module.on_validation_start`` runs first.
     * Optimisation: ``module.configure_optimizer()`` (Adam + StepLR from the config by default); the
-      scheduler is stepped once per epoch.
+      scheduler is stepped once per epoch, or once per optimiser step when the config's ``lr_interval`` is
+      ``"step"``.
     * Set-up: ``module.prepare(train)`` (feature statistics, output bias, ...) and one
       ``module.slide_context(slide)`` per training slide (``self.contexts``).
     * Checkpoints: a full checkpoint also stores the history and the torch / numpy / python random
@@ -125,11 +126,12 @@ class TrainingPlan(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        """The module's optimiser and per-epoch scheduler (stepped by Lightning after each epoch's last batch)."""
+        """The module's optimiser and scheduler, stepped by Lightning per epoch or per step (``config.lr_interval``)."""
         opt, sched = self.module.configure_optimizer()
         if sched is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        interval = getattr(self.config, "lr_interval", "epoch")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
     def on_train_start(self) -> None:
         """When resuming a run that had stopped early: stay stopped."""
