@@ -8,5 +8,6 @@ from ._predictions import predicted_vs_observed
 from ._reliability import gene_reliability
 from ._scores import gene_scores
 from ._training import training_curves
+from ._uncertainty import uncertainty
 
-__all__ = ["gene_reliability", "gene_scores", "predicted_vs_observed", "training_curves"]
+__all__ = ["gene_reliability", "gene_scores", "predicted_vs_observed", "training_curves", "uncertainty"]

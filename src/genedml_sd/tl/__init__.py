@@ -1,7 +1,9 @@
 """Tools: train Gene-DML (or another method) on SpatialData slides, predict expression on new ones, evaluate."""
 
 from ._aggregate import aggregate_predictions
+from ._compare import compare_methods
 from ._cross_validate import cross_validate, leave_one_group_out
+from ._ensemble import check_ensemble, fit_ensemble
 from ._evaluate import Evaluation, PairedExpression, evaluate, observed_and_predicted, score_predictions
 from ._features import EncoderRef, FeatureSpec, choose_feature_mode
 from ._fit import fit
@@ -11,6 +13,7 @@ from ._methods import list_methods, register_method
 from ._metrics import per_gene_pearson
 from ._model import TrainedModel
 from ._predict import predict
+from ._reference import neighbour_mean_expression, neighbour_reference
 
 
 def __getattr__(name: str):
@@ -37,16 +40,21 @@ __all__ = [
     "TrainedModel",
     "aggregate_predictions",
     "choose_feature_mode",
+    "compare_methods",
     "cross_validate",
+    "check_ensemble",
     "describe_feature_table",
     "evaluate",
     "fit",
+    "fit_ensemble",
     "hest_benchmark",
     "hest_linear_probe",
     "hest_probe_task",
     "leave_one_group_out",
     "list_methods",
     "load_hest_task",
+    "neighbour_mean_expression",
+    "neighbour_reference",
     "observed_and_predicted",
     "per_gene_pearson",
     "predict",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,9 +14,11 @@ import pandas as pd
 from genedml_sd._docs import docs
 
 from ._data import as_list, resolve_slide_keys, slide_expression, slide_info
+from ._ensemble import check_ensemble, ensemble_predictions, fit_ensemble, mean_reliability, observation_uncertainty
 from ._evaluate import N_TOP, score_predictions
 from ._features import FeatureSpec, choose_feature_mode
 from ._fit import _build_config, fit, resolve_encoder, uses_neighbour_tiles
+from ._reference import neighbour_reference
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -66,6 +69,8 @@ def cross_validate(
     features_key: str | None = None,
     tta: str | None = None,
     stain_norm: StainNormalizer | None = None,
+    keep_predictions: bool = False,
+    n_models: int = 1,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Leave-one-group-out cross-validation (by default: leave one patient out).
@@ -100,6 +105,15 @@ def cross_validate(
         running ``encoder`` (see :func:`~genedml_sd.tl.fit`).
     tta, stain_norm
         Tile transforms of the encoder (see :func:`~genedml_sd.tl.fit`).
+    keep_predictions
+        Keep every test slide's predicted and observed log-normalised expression in
+        ``df.attrs["predictions"]`` (what :func:`~genedml_sd.tl.compare_methods` bootstraps over
+        spots). Off by default: it holds n_spots x n_genes x 8 bytes per test slide (two float32
+        arrays), e.g. 8 MB for 4000 spots and 250 genes.
+    n_models
+        Train a seed ensemble of this many members per fold (:func:`~genedml_sd.tl.fit_ensemble`, seeds
+        ``seed, seed + 1, ...``) and score the members' mean prediction; adds ``uncertainty_rho`` per fold,
+        the Spearman correlation over test spots between the ensemble's spread and each spot's error.
     **fit_kwargs
         Further :func:`genedml_sd.tl.fit` arguments (``batch_size``, ``accelerator``, config fields...).
 
@@ -107,10 +121,20 @@ def cross_validate(
     -------
     One row per fold (``fold``, ``test_group``, ``test_sections``, ``train_sections``,
     ``validation_sections``, ``n_test_spots``, the metrics ``pcc_a``, ``pcc_h``, ``pcc_h_leak_free``,
-    ``mse``, ``mae`` averaged over the fold's test slides, ``n_constant``, ``train_seconds``,
-    ``predict_seconds``), then a ``mean`` and an ``sd`` row over folds. ``df.attrs`` holds the
-    per-slide results (``"per_slide"``), feature-extraction seconds per slide
-    (``"feature_seconds"``), and the run settings.
+    ``mse``, ``mae``, ``reliability_rho`` averaged over the fold's test slides, ``neighbour_pcc_a`` (the
+    ceiling reference on the same slides and genes: each spot predicted by the mean measured
+    expression of its adjacent spots, :func:`~genedml_sd.tl.neighbour_reference`, information no image
+    model has), ``uncertainty_rho`` (ensembles only), ``n_constant``, ``epochs`` (epochs
+    trained, i.e. where early stopping stopped), ``best_epoch`` (epoch whose weights were kept; NaN
+    without validation sections), ``train_seconds``, ``predict_seconds``), then a ``mean`` and an
+    ``sd`` row over folds (``epochs`` and ``best_epoch`` are NaN there; for an ensemble both are its first
+    member's, and ``train_seconds`` sums the members). ``df.attrs`` holds the
+    per-slide results (``"per_slide"``), the per-gene test PCCs (``"per_gene"``: a DataFrame with
+    one row per fold, test section and gene, columns ``fold``, ``test_group``, ``section``,
+    ``gene``, ``pcc`` (NaN where undefined), ``constant`` (observed expression constant on that
+    slide)), with ``keep_predictions`` the arrays (``"predictions"``: section -> dict with
+    ``fold``, ``genes``, ``predicted`` and ``observed`` float32 (n_spots, n_genes)),
+    feature-extraction seconds per slide (``"feature_seconds"``), and the run settings.
     """
     slides = as_list(sdatas)
     keys = [resolve_slide_keys(s, image_key, shapes_key, table_key, need_table=True) for s in slides]
@@ -157,10 +181,15 @@ def cross_validate(
         fit_features = {"encoder": enc, "pretrained": pretrained, "weights": weights, "feature_mode": feature_mode}
         _encode_once(spec, enc, slides, keys, names, extraction, feature_seconds)
 
-    rows, per_slide = [], []
+    if isinstance(n_models, bool) or not isinstance(n_models, int | np.integer) or n_models < 1:
+        raise ValueError(f"n_models must be an integer >= 1, got {n_models!r}.")
+    metrics = [*METRICS, "neighbour_pcc_a"] + (["uncertainty_rho"] if n_models > 1 else [])
+    rows, per_slide, per_gene = [], [], []
+    predictions: dict[str, dict[str, Any]] = _ByIdentity()
     for fold, (group, train_idx, test_idx) in enumerate(folds):
         logger.info("Fold %d: test %s = %s", fold, group, [names[i] for i in test_idx])
-        model = fit(
+        train_fn: Any = fit if n_models == 1 else partial(fit_ensemble, n_models=int(n_models))
+        trained = train_fn(
             [slides[i] for i in train_idx],
             image_key=image_key,
             shapes_key=shapes_key,
@@ -178,23 +207,40 @@ def cross_validate(
             **fit_features,
             **fit_kwargs,
         )
+        members = check_ensemble(trained)
+        model = members[0]
+        reliability = mean_reliability(members) if n_models > 1 else model.training.get("gene_ranking_pcc")
+        ranking = list(reliability or {}) if n_models > 1 else model.training["gene_ranking"]
         t0 = time.perf_counter()
         fold_scores = []
         for i in test_idx:
             s, k = slides[i], keys[i]
             feats = model.features.extract(s, enc, image_key=k.image_key, shapes_key=k.shapes_key, **extraction)
-            pred = model.predict_features(feats)
+            pred, spread = ensemble_predictions(members, feats)
             obs = slide_expression(s, k, model.genes, layer=layer)
             ev = score_predictions(
                 pred,
                 obs,
                 model.genes,
-                reference_ranking=model.training["gene_ranking"],
+                reference_ranking=ranking,
                 n_top=n_top,
-                reliability=model.training.get("gene_ranking_pcc"),
+                reliability=reliability,
+                uncertainty=None if spread is None else observation_uncertainty(spread),
             )
+            ceiling, _ = neighbour_reference(
+                s, model.genes, shapes_key=k.shapes_key, table_key=k.table_key, layer=layer, image_key=k.image_key
+            )
+            ev.summary["neighbour_pcc_a"] = score_predictions(ceiling, obs, model.genes).summary["pcc_a"]
             fold_scores.append(ev.summary)
             per_slide.append({"fold": fold, "test_group": group, "section": names[i], **_plain(ev.summary)})
+            per_gene.append(_gene_rows(ev.per_gene, fold, group, names[i]))
+            if keep_predictions:
+                predictions[names[i]] = {
+                    "fold": fold,
+                    "genes": list(model.genes),
+                    "predicted": np.asarray(pred, dtype=np.float32),
+                    "observed": np.asarray(obs, dtype=np.float32),
+                }
         predict_seconds = time.perf_counter() - t0
         rows.append(
             {
@@ -204,15 +250,16 @@ def cross_validate(
                 "train_sections": ",".join(model.training["sections"]),
                 "validation_sections": ",".join(model.training["validation_sections"]),
                 "n_test_spots": int(sum(s["n_spots"] for s in fold_scores)),
-                **{m: float(np.nanmean([s[m] for s in fold_scores])) for m in METRICS},
+                **{m: float(np.nanmean([s[m] for s in fold_scores])) for m in metrics},
                 "n_constant": int(sum(s["n_constant"] for s in fold_scores)),
                 "epochs": model.training["epochs"],
-                "train_seconds": float(model.training["seconds"]),
+                "best_epoch": _epoch_or_nan(model.training.get("best_epoch")),
+                "train_seconds": float(sum(m.training["seconds"] for m in members)),
                 "predict_seconds": predict_seconds,
             }
         )
     df = pd.DataFrame(rows)
-    numeric = [*METRICS, "train_seconds", "predict_seconds"]
+    numeric = [*metrics, "train_seconds", "predict_seconds"]
     summary = pd.DataFrame(
         [
             {"fold": "mean", "test_group": "all", **df[numeric].mean().to_dict()},
@@ -220,9 +267,12 @@ def cross_validate(
         ]
     )
     out = pd.concat([df.astype({"fold": object}), summary], ignore_index=True)
+    if keep_predictions:
+        out.attrs["predictions"] = predictions
     out.attrs.update(
         {
             "per_slide": per_slide,
+            "per_gene": _AttrsFrame(pd.concat(per_gene, ignore_index=True)),
             "feature_seconds": feature_seconds,
             "method": method,
             "config": config if isinstance(config, str | dict) else config.to_dict(),
@@ -230,14 +280,65 @@ def cross_validate(
             "encoder_fingerprint": spec.encoder.fingerprint,
             "groups": groups if isinstance(groups, str) else labels,
             "seed": seed,
+            "n_models": int(n_models),
             "feature_mode": feature_mode,
         }
     )
     return out
 
 
+class _AttrsFrame(pd.DataFrame):
+    """A DataFrame kept in a result's ``attrs``: equal only to itself as a whole.
+
+    ``pd.concat`` of two results compares their ``attrs``; a plain DataFrame there would make that
+    comparison raise. Column-wise operations are unchanged and return plain DataFrames.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def __deepcopy__(self, memo: Any = None) -> _AttrsFrame:  # pandas deep-copies attrs after each operation
+        return _AttrsFrame(self.copy(deep=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _ByIdentity(dict):
+    """A dict of arrays kept in a result's ``attrs``: equal only to itself (see :class:`_AttrsFrame`)."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    __hash__ = None
+
+
 def _plain(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "leak_free_genes"}
+
+
+def _gene_rows(per_gene: pd.DataFrame, fold: int, group: str, section: str) -> pd.DataFrame:
+    """Tidy per-gene rows of one test slide (from :attr:`Evaluation.per_gene`) for ``attrs["per_gene"]``."""
+    return pd.DataFrame(
+        {
+            "fold": np.full(len(per_gene), fold, dtype=np.int64),
+            "test_group": group,
+            "section": section,
+            "gene": per_gene.index.astype(str),
+            "pcc": per_gene["pcc"].to_numpy(dtype=np.float64),
+            "constant": per_gene["constant"].to_numpy(dtype=bool),
+        }
+    )
+
+
+def _epoch_or_nan(epoch: Any) -> float:
+    """A best epoch as a number for the fold table (NaN when no epoch was selected on validation data)."""
+    return float("nan") if epoch is None else float(epoch)
 
 
 def _encode_once(

@@ -120,6 +120,7 @@ def slide_tensors(
     )
     out = []
     for s, k, f, name in zip(slides, keys, feats, names, strict=True):
+        f = spec.standardise(f)  # per-slide standardisation when the spec asks for it
         expr = None if genes is None else slide_expression(s, k, genes, layer=layer)
         neighbour = None
         if spec.neighbours:  # dense-mode tokens stay one per lattice tile, gathered per batch

@@ -13,6 +13,7 @@ import pandas as pd
 from genedml_sd._spatial import ATTRS_KEY, aligned_tables
 from genedml_sd.pp import TARGET_SUM, normalized_expression
 
+from ._ensemble import UNCERTAINTY_KEY
 from ._metrics import per_gene_pearson
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def score_predictions(
     reference_ranking: Sequence[str] | None = None,
     n_top: int = N_TOP,
     reliability: Mapping[str, float | None] | None = None,
+    uncertainty: np.ndarray | None = None,
 ) -> Evaluation:
     """Metrics of predicted vs observed log-normalised expression of one slide.
 
@@ -89,6 +91,10 @@ def score_predictions(
         ``training["gene_ranking_pcc"]``, the PCC of each gene on the validation sections); adds
         ``reliability_rho`` to the summary, the Spearman correlation over genes between it and the
         test PCC (how well the estimate ranks the genes this slide shows to be well predicted).
+    uncertainty
+        A per-observation uncertainty (n_spots,), e.g. an ensemble's ``obs["uncertainty"]``; adds
+        ``uncertainty_rho`` to the summary, the Spearman correlation over observations between it and
+        each observation's mean squared error over genes (positive: larger where predictions are worse).
     """
     genes = list(genes)
     per_gene = per_gene_pearson(pred, obs, genes)
@@ -111,6 +117,10 @@ def score_predictions(
         summary["leak_free_genes"] = top
     if reliability is not None:
         summary["reliability_rho"] = reliability_spearman(reliability, valid)
+    if uncertainty is not None:
+        from ._ensemble import uncertainty_spearman
+
+        summary["uncertainty_rho"] = uncertainty_spearman(uncertainty, pred, obs)
     return Evaluation(per_gene, summary)
 
 
@@ -140,6 +150,9 @@ class PairedExpression:
         Gene names, n_genes.
     shapes_key, pred_key, table_key
         The observations element, the prediction table and the counts table.
+    uncertainty
+        The prediction table's per-observation ``obs["uncertainty"]`` (n_obs,) in the same row order, when
+        it has one (an ensemble's prediction), else ``None``.
     """
 
     observed: np.ndarray
@@ -148,6 +161,7 @@ class PairedExpression:
     shapes_key: str
     pred_key: str
     table_key: str
+    uncertainty: np.ndarray | None = None
 
 
 def observed_and_predicted(
@@ -215,8 +229,17 @@ def observed_and_predicted(
     )
     x = pred_table[aligned.pred_rows, genes].X
     predicted = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    uncertainty = None
+    if UNCERTAINTY_KEY in pred_table.obs:
+        uncertainty = pred_table.obs[UNCERTAINTY_KEY].to_numpy(dtype=np.float64)[aligned.pred_rows]
     return PairedExpression(
-        np.asarray(observed, dtype=np.float64), predicted, genes, aligned.shapes_key, pred_key, aligned.table_key
+        np.asarray(observed, dtype=np.float64),
+        predicted,
+        genes,
+        aligned.shapes_key,
+        pred_key,
+        aligned.table_key,
+        uncertainty,
     )
 
 
@@ -281,7 +304,9 @@ def evaluate(
     -------
     The per-gene metrics and the summary (see :class:`Evaluation`); when the prediction table has
     ``var["reliability_pcc"]``, the summary's ``reliability_rho`` is the Spearman correlation over genes
-    between that estimate and the PCC measured here.
+    between that estimate and the PCC measured here; when it has ``obs["uncertainty"]`` (an ensemble's),
+    ``uncertainty_rho`` is the Spearman correlation over observations between the uncertainty and each
+    observation's mean squared error over genes.
     """
     paired = observed_and_predicted(sdata, pred_key=pred_key, table_key=table_key, genes=genes, layer=layer)
     table_key, genes, obs, pred = paired.table_key, paired.genes, paired.observed, paired.predicted
@@ -293,7 +318,13 @@ def evaluate(
     if "reliability_pcc" in pred_table.var:  # the model's per-gene estimate, made without this slide
         reliability = pred_table.var["reliability_pcc"].to_dict()
     result = score_predictions(
-        pred, obs, genes, reference_ranking=reference_ranking, n_top=n_top, reliability=reliability
+        pred,
+        obs,
+        genes,
+        reference_ranking=reference_ranking,
+        n_top=n_top,
+        reliability=reliability,
+        uncertainty=paired.uncertainty,
     )
     result.summary["table_key"] = table_key
     if inplace:

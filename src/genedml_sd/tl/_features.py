@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from genedml_sd.tiling import TileGeometry
 
 if TYPE_CHECKING:
@@ -113,6 +115,11 @@ class FeatureSpec:
     table
         Mode ``"table"``: the feature table the model was trained on (``key``, ``source``,
         ``model_name``, ``tiles_key``, ``dim`` and the producer's tile settings); ``None`` otherwise.
+    slide_standardise
+        Standardise every slide's features by that slide's own statistics (:meth:`standardise`) before the
+        model sees them, in training and in prediction, so that a slide-wide shift of the features (a
+        darker stain, another scanner) is removed. Label-free, so no test-set leakage, but a slide must
+        hold enough tissue for its statistics (a few hundred observations). Not part of the cache key.
     """
 
     encoder: EncoderRef
@@ -120,6 +127,7 @@ class FeatureSpec:
     mode: str = "spot"
     neighbours: bool = True
     table: dict[str, Any] | None = None
+    slide_standardise: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in (*FEATURE_MODES, TABLE_MODE):
@@ -140,6 +148,7 @@ class FeatureSpec:
             "mode": self.mode,
             "neighbours": self.neighbours,
             "table": None if self.table is None else dict(self.table),
+            **({"slide_standardise": True} if self.slide_standardise else {}),  # older models: absent
         }
 
     @classmethod
@@ -151,6 +160,33 @@ class FeatureSpec:
             mode=str(d.get("mode", "spot")),
             neighbours=bool(d.get("neighbours", True)),
             table=d.get("table"),
+            slide_standardise=bool(d.get("slide_standardise", False)),
+        )
+
+    def standardise(self, features: SpotFeatures) -> SpotFeatures:
+        """The slide's features as the model reads them: unchanged, or standardised by the slide itself.
+
+        With :attr:`slide_standardise`, every feature dimension becomes ``(x - m) / s`` where ``m`` and
+        ``s`` are the mean and (unbiased) standard deviation of the slide's local features (n_obs, D), in
+        float64 then float32; the same shift and scale are applied to its neighbour features (n_obs, T, D)
+        and dense-mode tokens. Returns new arrays (a copy in memory); the cached features are not changed.
+        """
+        if not self.slide_standardise:
+            return features
+        import dataclasses
+
+        local = np.asarray(features.local)
+        if local.shape[0] < 2:
+            raise ValueError("slide_standardise needs at least 2 observations per slide.")
+        mean = local.mean(axis=0, dtype=np.float64)
+        std = np.sqrt(np.mean(np.square(local - mean), axis=0) * local.shape[0] / (local.shape[0] - 1))
+        std = np.where(std > 1e-6, std, 1.0)
+
+        def scaled(x: Any) -> Any:
+            return None if x is None else ((np.asarray(x, dtype=np.float64) - mean) / std).astype(np.float32)
+
+        return dataclasses.replace(
+            features, local=scaled(local), neighbour=scaled(features.neighbour), tokens=scaled(features.tokens)
         )
 
     @classmethod

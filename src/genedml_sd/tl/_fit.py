@@ -88,6 +88,7 @@ def fit(
     table_key: str | None = None,
     layer: str | None = None,
     genes: int | Sequence[str] = 250,
+    gene_flavor: str = "variance",
     encoder: str | FrozenEncoder = DEFAULT_ENCODER,
     method: str = "gene-dml",
     pretrained: bool = True,
@@ -109,6 +110,7 @@ def fit(
     extraction_device: str | None = None,
     feature_mode: str = "auto",
     features_key: str | None = None,
+    slide_standardise: bool = False,
     tta: str | None = None,
     stain_norm: StainNormalizer | None = None,
     checkpoint_dir: str | None = None,
@@ -131,6 +133,10 @@ def fit(
     %(slide_keys)s
     %(layer)s
     %(genes)s
+    gene_flavor
+        How a number of ``genes`` is chosen on the training slides: ``"variance"`` (the most variable
+        detected genes, the default) or ``"mean"`` (the most highly expressed ones); see
+        :func:`~genedml_sd.pp.select_genes`. Ignored for a list of genes.
     %(encoder)s
     %(method)s
     %(training)s
@@ -145,6 +151,11 @@ def fit(
         position (see :func:`~genedml_sd.tl.table_features`). Every slide needs that table, from the
         same model. The model records the table's model name and tile settings, and
         :func:`~genedml_sd.tl.predict` reads the same kind of table on new slides.
+    slide_standardise
+        Standardise each slide's features by that slide's own mean and sd (per feature dimension) before
+        the model sees them, in training and again in :func:`~genedml_sd.tl.predict` on new slides: removes
+        slide-wide shifts of the features such as stain or scanner differences between patients and labs
+        (see ``slide_standardise`` of :class:`~genedml_sd.tl.FeatureSpec`).
     tta
         ``"d4"``: every tile feature is the mean over the tile's 8 rotations / flips (8x encoder time).
     stain_norm
@@ -162,6 +173,8 @@ def fit(
     from genedml_sd.model import TrainArgs, get_method, train_method
 
     spec = get_method(method)
+    if not isinstance(slide_standardise, bool):
+        raise TypeError(f"slide_standardise must be True or False, got {slide_standardise!r}.")
     slides = as_list(sdata)
     geometry = geometry or TileGeometry()
     keys = [resolve_slide_keys(s, image_key, shapes_key, table_key, need_table=True) for s in slides]
@@ -171,7 +184,12 @@ def fit(
 
     if isinstance(genes, int | np.integer) and not isinstance(genes, bool):
         gene_list = select_genes(
-            tables, int(genes), layer=layer, table_keys=[str(k.table_key) for k in keys], slides=names
+            tables,
+            int(genes),
+            layer=layer,
+            table_keys=[str(k.table_key) for k in keys],
+            slides=names,
+            flavor=gene_flavor,
         )
     else:
         if isinstance(genes, str | bool):
@@ -199,9 +217,9 @@ def fit(
             geometry,
             neighbours=neighbours,
         )
-        features = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours)
+        features = FeatureSpec(ref, geometry, feature_mode, neighbours=neighbours, slide_standardise=slide_standardise)
     else:
-        features = dataclasses.replace(table_spec, neighbours=neighbours)
+        features = dataclasses.replace(table_spec, neighbours=neighbours, slide_standardise=slide_standardise)
         mode_calls = {"table": 0}
     extraction = {"device": extraction_device, "num_workers": num_workers, "cache_dir": cache_dir}
     tensors = slide_tensors(
@@ -247,6 +265,7 @@ def fit(
         "gene_ranking_pcc": scores,
         "gene_ranking_source": "validation sections" if val else "training sections (in-sample)",
         "layer": layer,
+        "gene_flavor": gene_flavor if isinstance(genes, int | np.integer) else "list",
         "feature_mode_calls": mode_calls,
     }
     return TrainedModel(

@@ -91,6 +91,7 @@ class TrainedModel:
         """
         import torch
 
+        features = self.features.standardise(features)  # by the slide's own statistics, if trained so
         if features.dim != self.encoder.embed_dim:
             raise ValueError(
                 f"Features have width {features.dim}, but the model was trained on {self.encoder.embed_dim}-d "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,14 @@ from genedml_sd._spatial import (
 )
 
 from ._data import resolve_slide_keys
+from ._ensemble import (
+    SD_LAYER,
+    UNCERTAINTY_KEY,
+    check_ensemble,
+    ensemble_predictions,
+    mean_reliability,
+    observation_uncertainty,
+)
 from ._features import TABLE_MODE
 from ._model import TrainedModel
 
@@ -38,7 +47,7 @@ FEW_SHARED_GENES = 0.5
 
 def predict(
     sdata: SpatialData,
-    model: TrainedModel,
+    model: TrainedModel | Sequence[TrainedModel],
     *,
     image_key: str | None = None,
     shapes_key: str | None = None,
@@ -61,7 +70,9 @@ def predict(
     sdata
         SpatialData with an H&E image and a circles element (no counts table needed).
     model
-        A model from :func:`genedml_sd.tl.fit` or :meth:`TrainedModel.load <genedml_sd.tl.TrainedModel.load>`.
+        A model from :func:`genedml_sd.tl.fit` or :meth:`TrainedModel.load <genedml_sd.tl.TrainedModel.load>`;
+        or a list of models of one recipe (a seed ensemble, :func:`~genedml_sd.tl.fit_ensemble`): the
+        prediction is their mean and their spread is stored as an uncertainty (see Returns).
     image_key, shapes_key
         Elements to use; inferred when unambiguous.
     key_added
@@ -101,6 +112,11 @@ def predict(
     in µm) and ``spot_diameter_fullres`` (median observation diameter, µm). ``library_id`` is the
     section name.
 
+    For an ensemble, the table also has ``layers["sd"]`` (the members' standard deviation per observation
+    and gene), ``obs["uncertainty"]`` (its mean over genes: larger where the members disagree, in
+    log-normalised expression units), ``var["reliability_pcc"]`` as the mean of the members' validation
+    PCCs, and ``uns["genedml_sd"]["ensemble"]`` (number of members and their seeds).
+
     Warns
     -----
     UserWarning
@@ -110,8 +126,10 @@ def predict(
     """
     from spatialdata.models import TableModel
 
-    if not isinstance(model, TrainedModel):
-        raise TypeError(f"model must be a TrainedModel from gd.tl.fit, got {type(model).__name__}.")
+    if not isinstance(model, TrainedModel | list | tuple):
+        raise TypeError(f"model must be a TrainedModel from gd.tl.fit (or a list of them), got {type(model).__name__}.")
+    members = check_ensemble(model)
+    model = members[0]
     if inplace and not overwrite and (key_added in sdata.tables or _on_disk(sdata, key_added)):
         raise KeyError(f"Table {key_added!r} already exists; pass overwrite=True to replace it, or another key_added.")
     if inplace and key_added in sdata and key_added not in sdata.tables:
@@ -146,7 +164,7 @@ def predict(
             num_workers=num_workers,
             device=device,
         )
-    pred = model.predict_features(feats, device=device)
+    pred, sd = ensemble_predictions(members, feats, device=device)
 
     shapes = sdata[keys.shapes_key]
     obs = pd.DataFrame(
@@ -156,9 +174,20 @@ def predict(
     info = sample_info(sdata, keys.shapes_key, None, exclude=[key_added])
     from anndata import AnnData
 
-    table = AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=gene_reliability(model))
+    scores = mean_reliability(members) if len(members) > 1 else model.training.get("gene_ranking_pcc")
+    if sd is not None:
+        obs[UNCERTAINTY_KEY] = observation_uncertainty(sd)
+    table = AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=gene_reliability(model, scores))
+    if sd is not None:
+        table.layers[SD_LAYER] = sd
     table.obsm["spatial"] = feats.coords_um.astype(np.float64)
     table.uns[ATTRS_KEY] = _run_metadata(model, keys, info)
+    if len(members) > 1:
+        table.uns[ATTRS_KEY]["ensemble"] = {
+            "n_models": len(members),
+            "seeds": [int(m.training.get("seed", -1)) for m in members],
+        }
+        table.uns[ATTRS_KEY]["gene_ranking"] = list(scores or {})  # by mean validation PCC, best first
     if overview_px is not None:
         library_id = keys.image_key  # as spatialdata-io's to_legacy_anndata names it
         radii_um = spot_radius_px(sdata, keys.shapes_key, keys.image_key) * get_pixel_size(sdata, keys.image_key)
@@ -171,16 +200,18 @@ def predict(
     return None
 
 
-def gene_reliability(model: TrainedModel) -> pd.DataFrame:
+def gene_reliability(model: TrainedModel, scores: dict[str, float | None] | None = None) -> pd.DataFrame:
     """``var`` of a prediction table: the model's genes with how far each can be trusted.
 
     ``reliability_pcc`` is the PCC of the gene's predictions on the model's validation sections (held
     out of training, never the slide predicted; on the training sections themselves, in-sample and
     optimistic, when training had no validation section: see ``uns["genedml_sd"]["reliability_source"]``),
     NaN for a gene constant there; ``reliability_rank`` ranks the genes by it (1 = most reliable).
+    ``scores`` replaces the model's own per-gene PCCs (an ensemble's mean over its members).
     """
-    scores = model.training.get("gene_ranking_pcc") or {}
-    pcc = np.array([np.nan if scores.get(g) is None else float(scores[g]) for g in model.genes], dtype=np.float64)
+    scores = (model.training.get("gene_ranking_pcc") if scores is None else scores) or {}
+    values = [scores.get(g) for g in model.genes]
+    pcc = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
     order = np.argsort(-np.nan_to_num(pcc, nan=-np.inf), kind="stable")
     rank = np.empty(len(pcc), dtype=np.int64)
     rank[order] = np.arange(1, len(pcc) + 1)
