@@ -106,12 +106,17 @@ def build_backbone(
     """
     device = torch.device(device)
     if spec.builder == "builtin":
-        if spec.name != "stain-texture":
-            raise ValueError(f"Unknown builtin encoder {spec.name!r}.")
         from ._builtin import StainTexture
+        from ._morphometry import StainTextureNuclei
 
+        builtins: dict[str, type[torch.nn.Module]] = {
+            "stain-texture": StainTexture,
+            "stain-texture-nuclei": StainTextureNuclei,
+        }
+        if spec.name not in builtins:
+            raise ValueError(f"Unknown builtin encoder {spec.name!r}; builtins: {sorted(builtins)}.")
         with device:
-            return StainTexture()
+            return builtins[spec.name]()
     with _seeded(0), device:
         if spec.builder == "custom":
             if builder is None:

@@ -20,6 +20,8 @@ from typing import Any
 from ._build import build_conch_vision, build_ctranspath
 from ._builtin import EMBED_DIM as STAIN_TEXTURE_DIM
 from ._builtin import VERSION as STAIN_TEXTURE_VERSION
+from ._morphometry import EMBED_DIM as NUCLEI_DIM
+from ._morphometry import VERSION as NUCLEI_VERSION
 from ._specs import (
     HIBOU_MEAN,
     HIBOU_STD,
@@ -435,6 +437,20 @@ _SPECS: tuple[EncoderSpec, ...] = (
         source="genedml_sd.encoders._builtin",
         licence="BSD-3-Clause (this package)",
         commercial=True,
+    ),
+    EncoderSpec(
+        name="stain-texture-nuclei",
+        description="Offline, weight-free: stain-texture + segmented-nucleus morphometry + H&E histograms",
+        builder="builtin",
+        embed_dim=NUCLEI_DIM,
+        pool="token",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        version=NUCLEI_VERSION,
+        source="genedml_sd.encoders._morphometry",
+        licence="BSD-3-Clause (this package)",
+        commercial=True,
+        notes="Nucleus segmentation runs on the CPU (scipy), tile by tile: slower than stain-texture.",
     ),
 )
 
