@@ -15,6 +15,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 HER2ST = Path(os.environ.get("GENEDML_SD_HER2ST", ROOT.parent / "shared" / "data" / "her2st"))
 
 
+def image_sections(root: str | Path = HER2ST) -> list[str]:
+    """Names of the HER2ST sections with an H&E image in ``root`` (its ``sections.csv`` index), in file order."""
+    import pandas as pd
+
+    index = pd.read_csv(Path(root) / "sections.csv")
+    return [str(s) for s in index.loc[index["has_image"].astype(bool), "section"]]
+
+
+def read_image_sections(root: str | Path = HER2ST) -> tuple[list[str], list]:
+    """The HER2ST sections with an image: their names and one SpatialData each (``gd.io.her2st``)."""
+    import genedml_sd as gd
+
+    sections = image_sections(root)
+    return sections, [gd.io.her2st(root, s) for s in sections]
+
+
 def device_info() -> dict:
     """Where the benchmark ran: CPU model and cores, CUDA device if any, library versions."""
     import torch

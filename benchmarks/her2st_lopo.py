@@ -22,8 +22,7 @@ import argparse
 import time
 
 import numpy as np
-import pandas as pd
-from _common import HER2ST, device_info, markdown_table, peak_rss_mb, save
+from _common import HER2ST, device_info, markdown_table, peak_rss_mb, read_image_sections, save
 
 import genedml_sd as gd
 
@@ -78,13 +77,9 @@ def main() -> None:
 
         tmp_cache = tempfile.TemporaryDirectory(prefix="gd-lopo-")
         args.cache_dir = tmp_cache.name
-    from pathlib import Path
 
-    root = Path(args.root)
-    index = pd.read_csv(root / "sections.csv")
-    sections = [str(s) for s in index.loc[index["has_image"].astype(bool), "section"]]
     t0 = time.perf_counter()
-    slides = [gd.io.her2st(root, s) for s in sections]
+    sections, slides = read_image_sections(args.root)
     read_s = time.perf_counter() - t0
     print(f"{len(slides)} sections {sections} read in {read_s:.0f}s", flush=True)
 
@@ -114,7 +109,7 @@ def main() -> None:
         mean = df[df["fold"] == "mean"].iloc[0]
         sd = df[df["fold"] == "sd"].iloc[0]
         row = {"method": label, "wall_s": wall, "train_s": float(folds["train_seconds"].sum())}
-        for m in ("mse", "mae", "pcc_a", "pcc_h", "pcc_h_leak_free", "reliability_rho"):
+        for m in ("mse", "mae", "pcc_a", "pcc_h", "pcc_h_leak_free", "reliability_rho", "neighbour_pcc_a"):
             row[m] = float(mean[m])
             row[f"{m}_sd"] = float(sd[m])
         rows.append(row)
@@ -146,6 +141,8 @@ def main() -> None:
         f"{'cuda ' + dev.get('gpu', '') if dev['cuda'] else 'cpu x' + str(dev['cpu_count'])}"
     )
     print(markdown_table([fmt(r) for r in rows], cols))
+    if rows:
+        print(f"ceiling reference (adjacent spots' measured expression): PCC(A) {rows[0]['neighbour_pcc_a']:.3f}")
     print(
         "\nPaper (HER2ST, 8 folds, UNI features): "
         + "; ".join(f"{k} PCC(A) {v[2]:.3f} PCC(H) {v[3]:.3f}" for k, v in PAPER.items())

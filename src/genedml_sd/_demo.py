@@ -65,6 +65,10 @@ def run_demo(
     for gene in trusted:
         val = reliability.get(gene)
         print(f"  {gene:<10s} {float('nan') if val is None else val:.3f} -> {valid.loc[gene, 'pcc']:.3f}")
+    rho = result.summary.get("reliability_rho", float("nan"))
+    print(
+        f"How well the validation PCC ranks all {len(valid)} genes' PCC on B4 (Spearman rho over genes): {rho:.2f}"
+    )
     print(
         f"Leak-free PCC(H) (top {result.summary['n_top']} by that ranking): {result.summary['pcc_h_leak_free']:.3f}; "
         f"the paper's PCC(H) (top genes chosen on B4 itself, optimistic): {result.summary['pcc_h']:.3f}"
@@ -78,6 +82,7 @@ def run_demo(
         "pcc_h_leak_free": float(result.summary["pcc_h_leak_free"]),
         "top": top.to_dict(),
         "trusted": {g: reliability.get(g) for g in trusted},
+        "reliability_rho": float(rho),
         "seconds": elapsed,
         "zarr": str(zarr_path),
         "png": str(png),
