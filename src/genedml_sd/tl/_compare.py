@@ -92,7 +92,7 @@ def compare_methods(
     PCC(A)), ``delta_pcc_a``, ``ci_low``, ``ci_high`` (percentile interval of the bootstrap
     deltas), ``confidence``, ``ci_method`` (``"spots"`` or ``"genes"``), ``n_boot``,
     ``excludes_zero`` (the interval lies above or below 0), ``wilcoxon_p`` (two-sided
-    :func:`scipy.stats.wilcoxon` signed-rank test of the per-gene PCC differences pooled over
+    ``scipy.stats.wilcoxon`` signed-rank test of the per-gene PCC differences pooled over
     every fold, test slide and gene defined for both; 1.0 when all differences are 0; these
     pairs are not independent, so read it as a descriptive p-value), ``n_pairs`` (number of such
     differences), ``frac_genes_a_better`` (fraction of them > 0), ``fold_deltas`` (list, per fold

@@ -87,7 +87,7 @@ def neighbour_adjacency(coords: Any, radius: float | None = None) -> sp.csr_matr
         Observation centres (n_obs, 2), in µm or pixels.
     radius
         Two distinct observations are adjacent when their centres are at most ``radius`` apart (units
-        of ``coords``). Default: :func:`default_radius`.
+        of ``coords``). Default: ``default_radius``.
 
     Returns
     -------
@@ -116,7 +116,7 @@ def neighbour_mean_expression(coords: Any, expression: Any, *, radius: float | N
     Observation ``i`` is predicted by the unweighted mean of the rows of ``expression`` of the other
     observations whose centres lie within ``radius`` of its own (itself excluded; other observations
     at the same centre count as neighbours). The default radius is ``1.5`` x the median
-    nearest-neighbour centre distance (:func:`default_radius`): on a square
+    nearest-neighbour centre distance (``default_radius``): on a square
     ST lattice of pitch ``p`` an interior spot has its 4 edge neighbours (at ``p``) and its 4
     diagonal ones (at ``1.41 p``), 8 in all; on a Visium hexagonal lattice its 6 neighbours (the
     next ring is at ``1.73 p``). Spots at the edge of the tissue have fewer.
