@@ -66,9 +66,7 @@ def run_demo(
         val = reliability.get(gene)
         print(f"  {gene:<10s} {float('nan') if val is None else val:.3f} -> {valid.loc[gene, 'pcc']:.3f}")
     rho = result.summary.get("reliability_rho", float("nan"))
-    print(
-        f"How well the validation PCC ranks all {len(valid)} genes' PCC on B4 (Spearman rho over genes): {rho:.2f}"
-    )
+    print(f"How well the validation PCC ranks all {len(valid)} genes' PCC on B4 (Spearman rho over genes): {rho:.2f}")
     print(
         f"Leak-free PCC(H) (top {result.summary['n_top']} by that ranking): {result.summary['pcc_h_leak_free']:.3f}; "
         f"the paper's PCC(H) (top genes chosen on B4 itself, optimistic): {result.summary['pcc_h']:.3f}"
