@@ -38,12 +38,23 @@ VARIANTS: dict[str, tuple[str, str, dict, int]] = {
     "gene-dml/no-group": ("gene-dml", "no-group", {}, 1),
     "gene-dml/mse-only": ("gene-dml", "mse-only", {}, 1),
     "gene-dml/lr-per-step": ("gene-dml", "full", {"lr_interval": "step"}, 1),
+    "gene-dml/retrieval": ("gene-dml", "full", {"predictor": "retrieval"}, 1),
+    "gene-dml/blend": ("gene-dml", "full", {"predictor": "blend"}, 1),
+    "gene-dml/mixed-slides": ("gene-dml", "full", {"mix_slides": True}, 1),
+    "gene-dml/mixed-slides+slide-standardised": (
+        "gene-dml",
+        "full",
+        {"mix_slides": True, "slide_standardise": True},
+        1,
+    ),
     "ridge": ("ridge", "default", {}, 1),
     "ridge/slide-standardised": ("ridge", "default", {"slide_standardise": True}, 1),
     "mlp": ("mlp", "default", {}, 1),
     "mlp/ensemble-3": ("mlp", "default", {}, 3),
     "bleep": ("bleep", "default", {}, 1),
+    "bleep/mixed-slides": ("bleep", "default", {"mix_slides": True}, 1),
     "nh2st": ("nh2st", "default", {}, 1),
+    "nh2st/mixed-slides": ("nh2st", "default", {"mix_slides": True}, 1),
 }
 DEFAULT = [  # the reference first, then the baselines, then the Gene-DML variants
     "gene-dml",
@@ -65,6 +76,14 @@ def main() -> None:
     p.add_argument("--encoder", default="stain-texture")
     p.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     p.add_argument("--reference", default="gene-dml", help="variant every other one is compared with")
+    p.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="also compare variant A with variant B (repeatable), e.g. --pair bleep/mixed-slides bleep",
+    )
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--genes", type=int, default=250)
@@ -76,6 +95,9 @@ def main() -> None:
     args = p.parse_args()
     if args.reference not in args.variants:
         p.error(f"--reference {args.reference!r} must be one of the variants run")
+    for a, b in args.pair:
+        if a not in args.variants or b not in args.variants:
+            p.error(f"--pair {a} {b}: both must be among the variants run")
     start = time.perf_counter()
     gd.settings.progress = False
     tmp = tempfile.TemporaryDirectory(prefix="gd-ablation-") if args.cache_dir is None else None
@@ -151,6 +173,9 @@ def main() -> None:
         gd.tl.compare_methods(ref, results[label], labels=(args.reference, label), n_boot=args.n_boot, seed=args.seed)
         for label in args.variants
         if label != args.reference
+    ] + [
+        gd.tl.compare_methods(results[a], results[b], labels=(a, b), n_boot=args.n_boot, seed=args.seed)
+        for a, b in args.pair
     ]
     paired = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame()
 
@@ -179,8 +204,19 @@ def main() -> None:
     )
     print(f"ceiling reference (mean of adjacent spots' measured expression): PCC(A) {rows[0]['neighbour_pcc_a']:.3f}")
     if len(paired):
-        print(f"\nPaired: {args.reference} minus each variant (95 % CI over test spots, Wilcoxon over genes)")
-        cols = ["method_b", "delta_pcc_a", "ci_low", "ci_high", "wilcoxon_p", "frac_genes_a_better", "folds_a_better"]
+        print(
+            f"\nPaired: {args.reference} (or A of --pair) minus each variant (95 % CI over test spots, Wilcoxon over genes)"
+        )
+        cols = [
+            "method_a",
+            "method_b",
+            "delta_pcc_a",
+            "ci_low",
+            "ci_high",
+            "wilcoxon_p",
+            "frac_genes_a_better",
+            "folds_a_better",
+        ]
         print(markdown_table(paired[cols].to_dict(orient="records"), cols))
     total = time.perf_counter() - start
     print(f"peak host RSS {peak_rss_mb():.0f} MB; whole run {total / 60:.1f} min")

@@ -118,6 +118,8 @@ def test_resume_refuses_another_run(tmp_path, caplog):
         resume(tr=[train[1], train[0]])
     with pytest.raises(ValueError, match="batch_size 48"):
         resume(batch_size=32)
+    with pytest.raises(ValueError, match=r"mix_slides False \(checkpoint\) != True \(now\)"):
+        resume(mix_slides=True)
     (d / "run.json").unlink()
     with pytest.raises(ValueError, match="run.json is missing"):
         resume()

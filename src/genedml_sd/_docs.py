@@ -77,6 +77,10 @@ max_epochs
     Maximum training epochs.
 batch_size
     Spots per training batch (256 in the paper).
+mix_slides
+    ``False`` (default): each batch holds spots of one slide, so contrastive negatives come from that
+    slide. ``True``: each batch draws spots from all training slides, so negatives also come from
+    other slides and patients (see ``TrainArgs.mix_slides`` of :class:`~genedml_sd.model.TrainArgs`).
 val_sections
     Training slides held out for early stopping and model selection: ``"auto"`` holds out one
     slide when there are at least three, an int holds out that many (chosen with ``seed``), a

@@ -11,7 +11,8 @@ trains it with :class:`TrainArgs` and returns a :class:`TrainResult`.
 
 from typing import TYPE_CHECKING, Any
 
-from ._base import LossOutput, MethodConfig, SlideModule, SpotBatch, TrainedConfig
+from ._base import LossOutput, MethodConfig, SlideModule, TrainedConfig
+from ._batch import SlidePart, SpotBatch
 from ._bleep import BLEEP, BLEEPConfig, ProjectionHead
 from ._config import PRESETS, GeneDMLConfig
 from ._context import SlideContext, fixed_context_rows, sample_context_rows
@@ -68,6 +69,7 @@ __all__ = [
     "SlideModule",
     "SlideContext",
     "SlideTensors",
+    "SlidePart",
     "SpotBatch",
     "SpotBatches",
     "TokenGrid",

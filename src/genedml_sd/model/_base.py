@@ -22,6 +22,7 @@ from torch import nn
 
 from genedml_sd._docs import docs
 
+from ._batch import SpotBatch
 from ._data import SlideTensors
 
 SCALES: tuple[str, ...] = ("local", "neighbour", "global")
@@ -168,42 +169,6 @@ class LossOutput(Mapping):
     def logged(self) -> dict[str, torch.Tensor]:
         """Everything logged as ``train/<name>``: total, parts, extra (in that order)."""
         return {"total": self.total, **self.parts, **self.extra}
-
-
-@dataclass
-class SpotBatch:
-    """One training batch: spots of one slide, gathered on the module's device.
-
-    Attributes
-    ----------
-    slide
-        The whole training slide (host tensors), for methods with slide-level context.
-    slide_index
-        Its index among the training slides.
-    index
-        Spot indices within the slide, int64 (B,) on the CPU, sorted.
-    local
-        Local-tile features (B, D) on the device.
-    expr
-        Log-normalised expression (B, G) on the device.
-    neighbour
-        Neighbour-grid features (B, n_neighbours, D) on the device if ``config.use_neighbour``, else ``None``.
-    context
-        What :meth:`SlideModule.slide_context` returned for this slide (computed once per training run).
-    """
-
-    slide: SlideTensors
-    slide_index: int
-    index: torch.Tensor
-    local: torch.Tensor
-    expr: torch.Tensor
-    neighbour: torch.Tensor | None = None
-    context: Any = None
-
-    @property
-    def size(self) -> int:
-        """Number of spots B."""
-        return int(self.index.shape[0])
 
 
 # ====================================================================================== module

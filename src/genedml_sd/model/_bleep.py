@@ -26,6 +26,7 @@ from ._base import (
 )
 from ._data import SlideTensors
 from ._losses import soft_target_instance_loss
+from ._retrieval import topk_mean_expression
 
 
 @docs
@@ -197,14 +198,8 @@ class BLEEP(SlideModule):
         if cfg.n_reference == 0:
             raise RuntimeError("BLEEP has an empty reference bank (n_reference=0); train it first.")
         with torch.autocast(device_type=query.device.type, enabled=False):
-            q = F.normalize(query.float(), dim=1)
-            sims = q @ self.ref_embedding.T
-            top, idx = sims.topk(min(cfg.top_k, cfg.n_reference), dim=1)
-            neighbours = self.ref_expr[idx]  # (B, k, G)
-            if cfg.aggregate == "mean":
-                return neighbours.mean(dim=1)
-            w = torch.softmax(top / cfg.tau, dim=1)
-            return (w.unsqueeze(-1) * neighbours).sum(dim=1)
+            sims = F.normalize(query.float(), dim=1) @ self.ref_embedding.T
+        return topk_mean_expression(sims, self.ref_expr, cfg.top_k, None if cfg.aggregate == "mean" else cfg.tau)
 
     def on_validation_start(self) -> None:
         """Rebuild the reference bank with the current weights before each validation."""

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from genedml_sd._docs import docs
 
 from ._base import TrainedConfig
+
+if TYPE_CHECKING:
+    from ._data import SlideTensors
+
+#: Values of ``GeneDMLConfig.predictor``.
+PREDICTORS = ("head", "retrieval", "blend")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the full model of the paper: three scales, both contrastive pathways, MSE
@@ -89,6 +96,21 @@ class GeneDMLConfig(TrainedConfig):
         and over a fixed seeded sample of ``context_size`` spots in prediction, so training costs
         O(N context_size) per epoch instead of O(N^3 / batch_size). ``None``: always exact (the
         paper's; infeasible beyond about 10^4 spots per slide).
+    predictor
+        How expression is predicted: ``"head"`` (the paper's prediction head on the fused scale
+        tokens), ``"retrieval"`` (BLEEP-style, from the gene-aligned space: the mean measured expression
+        of the ``top_k`` training spots whose gene embeddings are most similar to the query's scale
+        tokens, cosine similarity averaged over scales) or ``"blend"`` (the mean of the two). Training
+        is the same for all three; only prediction (and so validation and early stopping) differs.
+        Retrieval needs the instance loss (it defines the aligned space).
+    top_k
+        Training spots retrieved per query (``predictor`` ``"retrieval"`` / ``"blend"``).
+    reference_size
+        Most training spots in the retrieval bank (a seeded random sample beyond it), so its memory and
+        the per-batch similarities stay bounded on Visium HD (``reference_size x (dim + n_genes)``
+        floats, ``batch_size x reference_size`` similarities).
+    n_reference
+        Size of the retrieval bank, set for training by :meth:`for_training` (0 with ``predictor="head"``).
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
@@ -119,6 +141,10 @@ class GeneDMLConfig(TrainedConfig):
     pos_max_um: float = 20000.0
     attn_chunk: int = 4096
     context_size: int | None = 1024
+    predictor: str = "head"
+    top_k: int = 50
+    reference_size: int = 50_000
+    n_reference: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +166,28 @@ class GeneDMLConfig(TrainedConfig):
         for name in ("tau_init", "tau_ig"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}.")
+        if self.predictor != "head" and not self.instance_loss:
+            raise ValueError(
+                f"predictor={self.predictor!r} retrieves from the gene-aligned space, which the instance loss "
+                "learns: it needs instance_loss=True."
+            )
+        for name in ("top_k", "reference_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.n_reference < 0:
+            raise ValueError(f"n_reference must be >= 0, got {self.n_reference}.")
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether prediction uses the retrieval bank (``predictor`` ``"retrieval"`` or ``"blend"``)."""
+        return self.predictor != "head"
+
+    def for_training(self, train: Sequence[SlideTensors]) -> GeneDMLConfig:
+        """A copy with ``n_reference`` set: the retrieval bank's size for these slides (0 with the head alone)."""
+        n = sum(s.n_spots for s in train)
+        return self.replace(n_reference=min(n, self.reference_size) if self.retrieves else 0)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GeneDMLConfig:

@@ -1,4 +1,4 @@
-"""Training data of the model layer: per-slide tensors and within-slide spot batches."""
+"""Training data of the model layer: per-slide tensors and spot batches (within one slide or mixed)."""
 
 from __future__ import annotations
 
@@ -145,35 +145,65 @@ class SlideTensors:
 
 
 class SpotBatches(Dataset):
-    """Map-style dataset whose item ``i`` is one batch of spots, all from the same slide.
+    """Map-style dataset whose item ``i`` is one batch of spots: of one slide, or mixed across slides.
 
-    Batches stay within a slide because the global branch attends over that slide's spots. Each
-    epoch (:meth:`set_epoch`) reshuffles the spots of every slide, splits them into near-equal
-    batches of at most ``batch_size``, and shuffles the order of the batches, deterministically
-    from ``seed`` and the epoch. Use with ``DataLoader(ds, batch_size=None)``; under DDP, Lightning's
-    distributed sampler hands each process a disjoint share of the batches.
+    By default batches stay within a slide, so a batch's contrastive negatives all come from the
+    same slide. With ``mix_slides=True`` every batch draws its spots at random from all training
+    slides, so in-batch negatives also come from other slides and patients (methods with slide-level
+    context, such as Gene-DML's global branch, still attend within each spot's own slide).
 
-    Items are ``{"slide": LongTensor (), "index": LongTensor (B,)}``.
+    Each epoch (:meth:`set_epoch`) reshuffles the spots (per slide, or all together when mixing),
+    splits them into near-equal batches of at most ``batch_size``, and shuffles the order of the
+    batches, deterministically from ``seed`` and the epoch. Use with ``DataLoader(ds, batch_size=None)``;
+    under DDP, Lightning's distributed sampler hands each process a disjoint share of the batches.
+
+    Items are ``{"slide": LongTensor, "index": LongTensor (B,)}``: ``slide`` is a scalar for a
+    one-slide batch and the slide of every spot, (B,), for a mixed one, whose spots are ordered by
+    slide and then by index (so each slide's spots form one contiguous run).
+
+    Parameters
+    ----------
+    n_spots
+        Spots per training slide.
+    batch_size
+        Spots per batch, >= 2.
+    seed
+        Seed of the batch draws.
+    mix_slides
+        Draw every batch from all slides instead of from one.
     """
 
-    def __init__(self, n_spots: Sequence[int], batch_size: int, seed: int = 0) -> None:
+    def __init__(self, n_spots: Sequence[int], batch_size: int, seed: int = 0, mix_slides: bool = False) -> None:
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (contrastive losses need pairs), got {batch_size}.")
         self.n_spots = [int(n) for n in n_spots]
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self._n_batches = [max(1, -(-n // self.batch_size)) for n in self.n_spots if n > 0]
+        self.mix_slides = bool(mix_slides)
+        if self.mix_slides:
+            total = sum(self.n_spots)
+            self._n_batches = [max(1, -(-total // self.batch_size))] if total else []
+        else:
+            self._n_batches = [max(1, -(-n // self.batch_size)) for n in self.n_spots if n > 0]
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the batches of an epoch."""
         rng = np.random.default_rng([self.seed, int(epoch)])
-        plan: list[tuple[int, np.ndarray]] = []
-        for s, n in enumerate(self.n_spots):
-            if n == 0:
-                continue
-            perm = rng.permutation(n)
-            plan.extend((s, chunk) for chunk in np.array_split(perm, max(1, -(-n // self.batch_size))))
+        plan: list[tuple[int | np.ndarray, np.ndarray]] = []
+        if self.mix_slides:
+            slide_of = np.repeat(np.arange(len(self.n_spots)), self.n_spots)
+            row_of = np.concatenate([np.arange(n) for n in self.n_spots]) if self.n_spots else np.zeros(0, int)
+            perm = rng.permutation(slide_of.size)
+            for chunk in np.array_split(perm, self._n_batches[0]) if self._n_batches else []:
+                order = np.lexsort((row_of[chunk], slide_of[chunk]))
+                plan.append((slide_of[chunk][order], row_of[chunk][order]))
+        else:
+            for s, n in enumerate(self.n_spots):
+                if n == 0:
+                    continue
+                perm = rng.permutation(n)
+                plan.extend((s, np.sort(c)) for c in np.array_split(perm, max(1, -(-n // self.batch_size))))
         order = rng.permutation(len(plan))
         self._plan = [plan[i] for i in order]
 
@@ -182,4 +212,7 @@ class SpotBatches(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         slide, idx = self._plan[i]
-        return {"slide": torch.tensor(slide), "index": torch.from_numpy(np.sort(idx).astype(np.int64))}
+        return {
+            "slide": torch.as_tensor(np.asarray(slide, dtype=np.int64)),
+            "index": torch.from_numpy(idx.astype(np.int64)),
+        }

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import LossOutput, SlideModule, SpotBatch
+from ._base import LossOutput, SlideModule, SpotBatch, targets
 from ._config import GeneDMLConfig
 from ._context import SlideContext, fixed_context_rows, sample_context_rows
+from ._data import SlideTensors
 from ._losses import instance_group_loss, multiscale_instance_loss, prediction_loss
+from ._retrieval import reference_rows, topk_mean_expression
 
 
 class Block(nn.Module):
@@ -143,9 +146,16 @@ class GeneDML(SlideModule):
 
     Frozen-encoder features are standardised with per-dimension training statistics stored as
     buffers (:meth:`~genedml_sd.model.SlideModule.set_feature_stats`), so they travel with the weights.
+
+    With ``config.predictor`` ``"retrieval"`` or ``"blend"``, prediction also (or only) retrieves from the
+    gene-aligned space (:meth:`retrieve`): a bank of training spots' expression (``ref_expr``) and gene
+    embeddings (``ref_embedding``, rebuilt before every validation and after training) is kept as
+    buffers sized by ``config.n_reference``, so a module rebuilt from its config predicts alone.
     """
 
     config: GeneDMLConfig
+    ref_expr: torch.Tensor  # retrieval bank buffers (n_reference, G) / (n_reference, dim), with a retrieval predictor
+    ref_embedding: torch.Tensor
 
     def __init__(self, config: GeneDMLConfig) -> None:
         super().__init__(config)
@@ -197,6 +207,9 @@ class GeneDML(SlideModule):
         self.head = nn.Sequential(
             nn.LayerNorm(n_scales * d), nn.Dropout(cfg.dropout), nn.Linear(n_scales * d, cfg.n_genes)
         )
+        if cfg.retrieves:  # the retrieval bank: training expression and its gene embeddings (buffers)
+            self.register_buffer("ref_expr", torch.zeros(cfg.n_reference, cfg.n_genes))
+            self.register_buffer("ref_embedding", torch.zeros(cfg.n_reference, d))
 
     # ------------------------------------------------------------------------------ set-up
     @property
@@ -387,14 +400,17 @@ class GeneDML(SlideModule):
         return LossOutput(cast(torch.Tensor, total), parts)  # a tensor: the config enables at least one loss
 
     def training_loss(self, batch: SpotBatch) -> LossOutput:
-        """Loss of one batch of one slide; the global branch attends over all spots of the slide.
+        """Loss of one batch; the global branch attends over the spots of each spot's own slide.
 
-        Logs the instance temperature as ``train/tau`` (an ``extra`` of the output) when that loss is on.
+        A batch mixing slides (``TrainArgs(mix_slides=True)``) gets one global pass per slide in it; the
+        contrastive losses then compare all spots of the batch, across slides. Logs the instance
+        temperature as ``train/tau`` (an ``extra`` of the output) when that loss is on.
         """
         cfg = self.config
         glob = None
         if cfg.use_global:
-            glob = self.global_rows(batch.slide.local, batch.slide.coords, batch.index)
+            parts = [self.global_rows(p.slide.local, p.slide.coords, p.index) for p in batch.parts]
+            glob = parts[0] if len(parts) == 1 else torch.cat(parts)
         out = self(batch.local, batch.neighbour, glob)
         loss = self.loss(out, batch.expr)
         return LossOutput(loss.total, loss.parts, {"tau": self.tau} if cfg.instance_loss else {})
@@ -419,5 +435,59 @@ class GeneDML(SlideModule):
     def predict_batch(
         self, local: torch.Tensor, neighbour: torch.Tensor | None = None, slide_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Predicted expression (B, G) from local (B, D), neighbour (B, 25, D) features and global tokens (B, dim)."""
-        return self(local, neighbour, slide_rows)["pred"]
+        """Predicted expression (B, G) from local (B, D), neighbour (B, 25, D) features and global tokens (B, dim).
+
+        By ``config.predictor``: the head's output, the retrieval from the gene-aligned space
+        (:meth:`retrieve`), or their mean.
+        """
+        out = self(local, neighbour, slide_rows)
+        if self.config.predictor == "head":
+            return out["pred"]
+        retrieved = self.retrieve(out["tokens"])
+        return retrieved if self.config.predictor == "retrieval" else (out["pred"].float() + retrieved) / 2
+
+    # ------------------------------------------------------------------------------ retrieval predictor
+    def prepare(self, train: Sequence[SlideTensors]) -> None:
+        """Feature statistics and output bias; with a retrieval predictor also the bank's training expression."""
+        super().prepare(train)
+        if self.config.retrieves:
+            expr = torch.cat([targets(s) for s in train]).float()
+            rows = reference_rows(expr.shape[0], self.config.n_reference)
+            if rows.numel() != self.config.n_reference:
+                raise ValueError(f"{expr.shape[0]} training spots, but config.n_reference={self.config.n_reference}.")
+            self.ref_expr.copy_(expr[rows])
+
+    @torch.no_grad()
+    def build_reference(self, batch_size: int = 4096) -> None:
+        """Recompute the bank's L2-normalised gene embeddings from its expression (eval mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.autocast(device_type=self.ref_expr.device.type, enabled=False):
+                for s in range(0, self.config.n_reference, batch_size):
+                    emb = self.gene_embedding(self.ref_expr[s : s + batch_size].float())
+                    self.ref_embedding[s : s + batch_size] = F.normalize(emb.float(), dim=1)
+        finally:
+            self.train(was_training)
+
+    def retrieve(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Expression (B, G) retrieved for fused scale tokens (B, S, dim).
+
+        Similarity of a query to a bank spot is the cosine of its scale tokens with the spot's gene
+        embedding, averaged over scales (what the multi-scale instance loss aligns); the prediction is the
+        mean expression of the ``top_k`` most similar bank spots.
+        """
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            q = F.normalize(tokens.float(), dim=-1).mean(dim=1)  # mean over scales of unit vectors
+            sims = q @ self.ref_embedding.T
+        return topk_mean_expression(sims, self.ref_expr, self.config.top_k)
+
+    def on_validation_start(self) -> None:
+        """Rebuild the retrieval bank with the current weights before each validation."""
+        if self.config.retrieves:
+            self.build_reference()
+
+    def on_fit_end(self) -> None:
+        """Rebuild the retrieval bank with the final (best) weights."""
+        if self.config.retrieves:
+            self.build_reference()

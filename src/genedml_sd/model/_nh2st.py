@@ -290,13 +290,17 @@ class NH2ST(SlideModule):
         """Loss of a batch: the targets and their neighbourhood slots (missing slots hold spot 0's values, masked)."""
         if self.config.neighbour_weight <= 0:
             return self.loss(batch.local, batch.expr)
-        nodes = batch.context[batch.index]
-        mask = nodes >= 0
-        safe = nodes.clamp_min(0)
         dev = batch.local.device
-        node_local = batch.slide.local[safe].to(dev, non_blocking=True)
-        node_expr = targets(batch.slide)[safe].to(dev, non_blocking=True)
-        return self.loss(batch.local, batch.expr, node_local, node_expr, mask.to(dev, non_blocking=True))
+        masks, locals_, exprs = [], [], []
+        for part in batch.parts:  # one part per slide in the batch
+            nodes = part.context[part.index]
+            safe = nodes.clamp_min(0)
+            masks.append(nodes >= 0)
+            locals_.append(part.slide.local[safe])
+            exprs.append(targets(part.slide)[safe])
+        node_local = torch.cat(locals_).to(dev, non_blocking=True)
+        node_expr = torch.cat(exprs).to(dev, non_blocking=True)
+        return self.loss(batch.local, batch.expr, node_local, node_expr, torch.cat(masks).to(dev, non_blocking=True))
 
     # ------------------------------------------------------------------------------ inference
     def predict_batch(

@@ -44,7 +44,13 @@ class TrainArgs:
     max_epochs
         Maximum number of epochs (passes over all training spots), >= 1.
     batch_size
-        Spots per batch, >= 2 (contrastive losses need pairs). Batches stay within one slide.
+        Spots per batch, >= 2 (contrastive losses need pairs).
+    mix_slides
+        ``False`` (default): every batch holds spots of one slide, so in-batch contrastive negatives
+        come from that slide only. ``True``: every batch draws its spots from all training slides, so
+        negatives also come from other slides and patients; Gene-DML's global branch still attends
+        within each spot's own slide (one context per slide in the batch, so a step costs up to one
+        global pass per slide it touches).
     seed
         Seed of the weights, dropout, in-batch k-means and batch order (``lightning.seed_everything``).
     accelerator, devices, strategy
@@ -75,6 +81,7 @@ class TrainArgs:
 
     max_epochs: int = 100
     batch_size: int = 256
+    mix_slides: bool = False
     seed: int = 0
     accelerator: str = "auto"
     devices: int | str | list[int] = "auto"
@@ -104,7 +111,7 @@ class TrainArgs:
             raise ValueError(
                 f"TrainArgs.precision must be None or a Lightning precision string, got {self.precision!r}."
             )
-        for name in ("progress", "resume"):
+        for name in ("mix_slides", "progress", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainArgs.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.checkpoint_dir is not None:

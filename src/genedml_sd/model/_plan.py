@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ._base import SlideModule, SpotBatch, check_slides, targets
+from ._base import SlideModule, check_slides, targets
+from ._batch import SlidePart, SpotBatch
 from ._data import SlideTensors, SpotBatches
 from ._losses import mean_gene_pcc
 from ._resume import capture_rng_state, restore_rng_state
@@ -22,8 +23,8 @@ STATE_KEY = "genedml_sd"
 class TrainingPlan(pl.LightningModule):
     """Trains a :class:`~genedml_sd.model.SlideModule` on a list of slides.
 
-    * Data: within-slide spot batches (:class:`~genedml_sd.model.SpotBatches`, reshuffled every epoch
-      from ``seed`` and the epoch); each step gathers the batch's local features, expression and (if
+    * Data: spot batches within one slide, or mixed across slides with ``mix_slides``
+      (:class:`~genedml_sd.model.SpotBatches`, reshuffled every epoch from ``seed`` and the epoch); each step gathers the batch's local features, expression and (if
       the config reads them) neighbour features on the device as a :class:`~genedml_sd.model.SpotBatch`
       and calls ``module.training_loss``; every returned loss value is logged as ``train/<name>``
       (epoch mean).
@@ -44,9 +45,12 @@ class TrainingPlan(pl.LightningModule):
     train, val
         Training and (optional) validation slides, with expression.
     batch_size
-        Spots per batch (batches stay within a slide).
+        Spots per batch.
     seed
         Seed of the batch order.
+    mix_slides
+        Draw every batch from all training slides (in-batch negatives from other slides) instead of
+        from one slide.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class TrainingPlan(pl.LightningModule):
         *,
         batch_size: int = 256,
         seed: int = 0,
+        mix_slides: bool = False,
     ) -> None:
         super().__init__()
         check_slides(train, val, module.config)
@@ -66,7 +71,7 @@ class TrainingPlan(pl.LightningModule):
         self.val_slides = list(val or [])
         self.batch_size = batch_size
         self.seed = seed
-        self.batches = SpotBatches([s.n_spots for s in self.train_slides], batch_size, seed)
+        self.batches = SpotBatches([s.n_spots for s in self.train_slides], batch_size, seed, mix_slides=mix_slides)
         self.history: list[dict[str, Any]] = []
         self.best_epoch: int | None = None
         module.prepare(self.train_slides)
@@ -75,7 +80,7 @@ class TrainingPlan(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- data
     def train_dataloader(self) -> DataLoader:
-        """Within-slide spot batches (indices only; features are gathered in the step)."""
+        """Spot batches (indices only; features are gathered in the step)."""
         return DataLoader(self.batches, batch_size=None, shuffle=False, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
@@ -90,20 +95,33 @@ class TrainingPlan(pl.LightningModule):
     # ----------------------------------------------------------------------------- steps
     def gather(self, batch: dict[str, torch.Tensor]) -> SpotBatch:
         """The :class:`~genedml_sd.model.SpotBatch` of a ``SpotBatches`` item, on this module's device."""
-        i = int(batch["slide"])
-        slide = self.train_slides[i]
+        ids = batch["slide"].cpu()
         idx = batch["index"].cpu()
+        if ids.ndim == 0:
+            runs = [(int(ids), 0, idx.numel())]
+        else:  # a mixed batch is ordered by slide: one contiguous run per slide
+            bounds = torch.nonzero(ids[1:] != ids[:-1]).flatten().add(1).tolist()
+            starts, stops = [0, *bounds], [*bounds, idx.numel()]
+            runs = [(int(ids[a]), a, b) for a, b in zip(starts, stops, strict=True)]
         dev = self.device
-        local = slide.local[idx].to(dev, non_blocking=True)
-        neighbour = None
-        if self.config.use_neighbour:
-            assert slide.neighbour is not None  # checked by check_slides
-            neighbour = slide.neighbour[idx].to(dev, non_blocking=True)
-        expr = targets(slide)[idx].to(dev, non_blocking=True)
-        return SpotBatch(slide, i, idx, local, expr, neighbour, self.contexts[i])
+        parts, local, expr, neighbour = [], [], [], []
+        for i, a, b in runs:
+            slide = self.train_slides[i]
+            rows = idx[a:b]
+            parts.append(SlidePart(slide, i, rows, slice(a, b), self.contexts[i]))
+            local.append(slide.local[rows])
+            expr.append(targets(slide)[rows])
+            if self.config.use_neighbour:
+                assert slide.neighbour is not None  # checked by check_slides
+                neighbour.append(slide.neighbour[rows])
+
+        def on_device(xs: list[torch.Tensor]) -> torch.Tensor:
+            return (xs[0] if len(xs) == 1 else torch.cat(xs)).to(dev, non_blocking=True)
+
+        return SpotBatch(tuple(parts), on_device(local), on_device(expr), on_device(neighbour) if neighbour else None)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One batch of one slide: the module's loss, logged per part."""
+        """One batch: the module's loss, logged per part."""
         spots = self.gather(batch)
         loss = self.module.training_loss(spots)
         for name, value in loss.logged().items():

@@ -66,6 +66,7 @@ def run_signature(
     *,
     seed: int,
     batch_size: int,
+    mix_slides: bool = False,
     train: Sequence[SlideTensors],
     val: Sequence[SlideTensors],
 ) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def run_signature(
         "config": config.to_dict(),
         "seed": int(seed),
         "batch_size": int(batch_size),
+        "mix_slides": bool(mix_slides),
         "train": [slide_signature(s, neighbour=neighbour) for s in train],
         "val": [slide_signature(s, neighbour=neighbour) for s in val],
     }
@@ -86,8 +88,8 @@ def run_signature(
 def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between a saved and the current run signature (empty if they match)."""
     out = []
-    for key in ("method", "seed", "batch_size"):
-        if saved.get(key) != current.get(key):
+    for key in ("method", "seed", "batch_size", "mix_slides"):
+        if saved.get(key, False if key == "mix_slides" else None) != current.get(key):
             out.append(f"{key} {saved.get(key)!r} (checkpoint) != {current.get(key)!r} (now)")
     old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
     for name in sorted(set(old_cfg) | set(new_cfg)):

@@ -155,7 +155,7 @@ def train_module(
     KeyboardInterrupt
         When training was interrupted by SIGINT.
     """
-    plan = TrainingPlan(module, train, val, batch_size=args.batch_size, seed=args.seed)
+    plan = TrainingPlan(module, train, val, batch_size=args.batch_size, seed=args.seed, mix_slides=args.mix_slides)
     has_val = bool(plan.val_slides)
     folder = None if args.checkpoint_dir is None else Path(args.checkpoint_dir).resolve()
     resume_from = None
@@ -165,6 +165,7 @@ def train_module(
             module.config,
             seed=args.seed,
             batch_size=args.batch_size,
+            mix_slides=args.mix_slides,
             train=plan.train_slides,
             val=plan.val_slides,
         )

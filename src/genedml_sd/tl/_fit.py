@@ -98,6 +98,7 @@ def fit(
     config: str | dict | Any = "full",
     max_epochs: int = 100,
     batch_size: int = 256,
+    mix_slides: bool = False,
     val_sections: int | Sequence[str] | None = "auto",
     patience: int = 10,
     seed: int = 0,
@@ -236,6 +237,7 @@ def fit(
     args = TrainArgs(
         max_epochs=max_epochs,
         batch_size=batch_size,
+        mix_slides=mix_slides,
         seed=seed,
         accelerator=accelerator,
         devices=devices,
@@ -260,6 +262,7 @@ def fit(
         "best_epoch": result.best_epoch,
         "seconds": seconds,
         "seed": seed,
+        "mix_slides": bool(mix_slides),
         "accelerator": accelerator,
         "gene_ranking": ranking,
         "gene_ranking_pcc": scores,

@@ -1,0 +1,107 @@
+"""Gene-DML's retrieval predictor: retrieval from the gene-aligned space, checked by hand and trained end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genedml_sd.model import GeneDML, GeneDMLConfig, SlideTensors, TrainArgs, train_method
+from genedml_sd.model._retrieval import reference_rows, topk_mean_expression
+
+CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
+BASE = {"enc_dim": 12, "n_genes": 7, "dim": 32, "n_heads": 4, "gene_hidden": 16, "group_dim": 8, "k": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def slides(n=(50, 40, 45), seed=0) -> list[SlideTensors]:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(4, 12))
+    wg = rng.normal(size=(4, 7))
+    out = []
+    for i, m in enumerate(n):
+        z = rng.normal(size=(m, 4))
+        local = z @ w + 0.1 * rng.normal(size=(m, 12))
+        nb = local[:, None] + 0.3 * rng.normal(size=(m, 25, 12))
+        out.append(SlideTensors.from_numpy(local, rng.uniform(0, 2000, (m, 2)), nb, z @ wg, f"s{i}"))
+    return out
+
+
+def test_config_checks_and_bank_size():
+    with pytest.raises(ValueError, match="predictor must be one of"):
+        GeneDMLConfig(**BASE, predictor="knn")
+    with pytest.raises(ValueError, match="needs instance_loss=True"):
+        GeneDMLConfig(**BASE, predictor="retrieval", instance_loss=False)
+    train = slides()
+    assert GeneDMLConfig(**BASE).for_training(train).n_reference == 0
+    assert GeneDMLConfig(**BASE, predictor="blend").for_training(train).n_reference == 135
+    assert GeneDMLConfig(**BASE, predictor="retrieval", reference_size=100).for_training(train).n_reference == 100
+    rows = reference_rows(135, 100)
+    assert rows.numel() == 100 and rows.unique().numel() == 100 and torch.equal(rows, rows.sort().values)
+    assert torch.equal(reference_rows(135, 100), rows)  # seeded
+    assert torch.equal(reference_rows(5, 10), torch.arange(5))
+
+
+def test_topk_mean_expression_against_numpy():
+    rng = np.random.default_rng(1)
+    sims, ref = rng.normal(size=(4, 9)), rng.normal(size=(9, 3))
+    got = topk_mean_expression(torch.tensor(sims), torch.tensor(ref), k=3).numpy()
+    top = np.argsort(-sims, axis=1)[:, :3]
+    np.testing.assert_allclose(got, ref[top].mean(axis=1), rtol=1e-5)
+    w = np.exp(np.sort(sims, axis=1)[:, ::-1][:, :3] / 0.5)
+    w /= w.sum(1, keepdims=True)
+    weighted = topk_mean_expression(torch.tensor(sims), torch.tensor(ref), k=3, tau=0.5).numpy()
+    np.testing.assert_allclose(weighted, (w[..., None] * ref[top]).sum(1), rtol=1e-5)
+
+
+def test_retrieve_uses_the_mean_scale_cosine_to_the_gene_embeddings():
+    cfg = GeneDMLConfig(**BASE, predictor="retrieval", top_k=2, n_reference=5)
+    module = GeneDML(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    emb, expr = torch.randn(5, 32, generator=g), torch.randn(5, 7, generator=g)
+    module.ref_embedding.copy_(torch.nn.functional.normalize(emb, dim=1))
+    module.ref_expr.copy_(expr)
+    tokens = torch.randn(3, 3, 32, generator=g)  # (B, S, dim)
+    e = emb.numpy() / np.linalg.norm(emb.numpy(), axis=1, keepdims=True)
+    t = tokens.numpy() / np.linalg.norm(tokens.numpy(), axis=2, keepdims=True)
+    sims = np.einsum("bsd,rd->bsr", t, e).mean(axis=1)
+    top = np.argsort(-sims, axis=1)[:, :2]
+    np.testing.assert_allclose(module.retrieve(tokens).numpy(), expr.numpy()[top].mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("predictor", ["retrieval", "blend"])
+def test_trained_retrieval_predictor_predicts_from_the_bank_and_reloads(predictor):
+    *train, val = slides(n=(50, 40, 45, 35))
+    cfg = GeneDMLConfig(**BASE, predictor=predictor, top_k=5, lr=3e-3)
+    res = train_method("gene-dml", train, [val], cfg, TrainArgs(max_epochs=6, batch_size=32, patience=6, **CPU))
+    module = res.module
+    assert res.config.n_reference == 135 and np.isfinite(res.history[-1]["val/pcc"])
+    bank = torch.cat([s.expr for s in train])
+    assert torch.equal(module.ref_expr, bank)
+    # the bank's embeddings are those of the final weights
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(module.gene_embedding(bank), dim=1)
+    torch.testing.assert_close(module.ref_embedding, emb)
+    with torch.no_grad():
+        pred = module.predict_slide(val.local, val.coords, val.neighbour)
+        glob = module.encode_global(val.local, val.coords)
+        out = module(val.local, val.neighbour, glob)
+        retrieved = module.retrieve(out["tokens"])
+    expect = retrieved if predictor == "retrieval" else (out["pred"] + retrieved) / 2
+    torch.testing.assert_close(pred, expect)
+    if predictor == "retrieval":  # every prediction is the mean of 5 training spots' expression
+        sims = torch.nn.functional.normalize(out["tokens"], dim=-1).mean(1) @ module.ref_embedding.T
+        idx = sims.topk(5, dim=1).indices
+        torch.testing.assert_close(pred, bank[idx].mean(1))
+    # rebuilt from its config and state dict, the module predicts the same
+    again = GeneDML(GeneDMLConfig.from_dict(res.config.to_dict()))
+    again.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval().predict_slide(val.local, val.coords, val.neighbour), pred)
