@@ -105,3 +105,33 @@ def test_trained_retrieval_predictor_predicts_from_the_bank_and_reloads(predicto
     again.load_state_dict(module.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(again.eval().predict_slide(val.local, val.coords, val.neighbour), pred)
+
+
+def test_fit_with_mixed_batches_and_retrieval_saves_loads_and_predicts(demo, tmp_path):
+    import genedml_sd as gd
+
+    b4, c2, c3, _ = demo
+    model = gd.tl.fit(
+        [c2, c3],
+        genes=20,
+        encoder="stain-texture",
+        max_epochs=2,
+        val_sections=None,
+        batch_size=128,
+        dim=64,
+        mix_slides=True,
+        predictor="retrieval",
+        top_k=10,
+    )
+    assert (
+        model.training["mix_slides"] is True
+        and model.config.n_reference == c2["C2_spots"].shape[0] + c3["C3_spots"].shape[0]
+    )
+    a = gd.tl.predict(b4, model, inplace=False)
+    model.save(tmp_path / "m")
+    b = gd.tl.predict(b4, gd.tl.TrainedModel.load(tmp_path / "m"), inplace=False)
+    np.testing.assert_array_equal(a.X, b.X)
+    # retrieval predicts means of 10 training spots: never beyond the training range of a gene
+    lo = model.module.ref_expr.min(0).values.numpy()
+    hi = model.module.ref_expr.max(0).values.numpy()
+    assert (a.X >= lo - 1e-5).all() and (a.X <= hi + 1e-5).all()
