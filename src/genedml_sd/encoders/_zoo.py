@@ -77,6 +77,24 @@ def _imagenet(name: str, description: str, weights: str, dim: int) -> EncoderSpe
     )
 
 
+def _builtin(name: str, description: str, dim: int, version: str, source: str, notes: str = "") -> EncoderSpec:
+    """The package's own weight-free descriptors: raw [0, 1] RGB in (identity normalisation), no weights."""
+    return EncoderSpec(
+        name=name,
+        description=description,
+        builder="builtin",
+        embed_dim=dim,
+        pool="token",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        version=version,
+        source=source,
+        licence="BSD-3-Clause (this package)",
+        commercial=True,
+        notes=notes,
+    )
+
+
 _UNI2_KWARGS: dict[str, Any] = dict(  # noqa: C408
     img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2,
     num_classes=0, no_embed_class=True, mlp_layer=_SWIGLU, act_layer=_SILU, reg_tokens=8, dynamic_img_size=True,
@@ -425,31 +443,19 @@ _SPECS: tuple[EncoderSpec, ...] = (
     ),
     _imagenet("vit-s16", "ViT-S/16 with timm's ImageNet weights (augreg in21k->in1k)", _AUGREG % "small", 384),
     _imagenet("vit-l16", "ViT-L/16 with timm's ImageNet weights (augreg in21k->in1k)", _AUGREG % "large", 1024),
-    EncoderSpec(
-        name="stain-texture",
-        description="Offline, weight-free H&E descriptor: stain deconvolution, composition, texture, nuclei",
-        builder="builtin",
-        embed_dim=STAIN_TEXTURE_DIM,
-        pool="token",
-        mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0),
-        version=STAIN_TEXTURE_VERSION,
-        source="genedml_sd.encoders._builtin",
-        licence="BSD-3-Clause (this package)",
-        commercial=True,
+    _builtin(
+        "stain-texture",
+        "Offline, weight-free H&E descriptor: stain deconvolution, composition, texture, nuclei",
+        STAIN_TEXTURE_DIM,
+        STAIN_TEXTURE_VERSION,
+        "genedml_sd.encoders._builtin",
     ),
-    EncoderSpec(
-        name="stain-texture-nuclei",
-        description="Offline, weight-free: stain-texture + segmented-nucleus morphometry + H&E histograms",
-        builder="builtin",
-        embed_dim=NUCLEI_DIM,
-        pool="token",
-        mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0),
-        version=NUCLEI_VERSION,
-        source="genedml_sd.encoders._morphometry",
-        licence="BSD-3-Clause (this package)",
-        commercial=True,
+    _builtin(
+        "stain-texture-nuclei",
+        "Offline, weight-free: stain-texture + segmented-nucleus morphometry + H&E histograms",
+        NUCLEI_DIM,
+        NUCLEI_VERSION,
+        "genedml_sd.encoders._morphometry",
         notes="Nucleus segmentation runs on the CPU (scipy), tile by tile: slower than stain-texture.",
     ),
 )
