@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[str, str, dict, int]] = {
     "gene-dml/tau-0.3-fixed": ("gene-dml", "full", {"tau_init": 0.3, "learn_tau": False}, 1),
     "gene-dml/retrieval": ("gene-dml", "full", {"predictor": "retrieval"}, 1),
     "gene-dml/blend": ("gene-dml", "full", {"predictor": "blend"}, 1),
+    "gene-dml/retrieval/no-group": ("gene-dml", "no-group", {"predictor": "retrieval"}, 1),
+    "gene-dml/retrieval/contrastive-only": ("gene-dml", "contrastive-only", {"predictor": "retrieval"}, 1),
     "gene-dml/mixed-slides": ("gene-dml", "full", {"mix_slides": True}, 1),
     "gene-dml/mixed-slides+slide-standardised": (
         "gene-dml",
