@@ -43,6 +43,7 @@ VARIANTS: dict[str, tuple[str, str, dict, int]] = {
     "gene-dml/tau-0.3-fixed": ("gene-dml", "full", {"tau_init": 0.3, "learn_tau": False}, 1),
     "gene-dml/retrieval": ("gene-dml", "full", {"predictor": "retrieval"}, 1),
     "gene-dml/blend": ("gene-dml", "full", {"predictor": "blend"}, 1),
+    "gene-dml/auto": ("gene-dml", "full", {"predictor": "auto"}, 1),
     "gene-dml/retrieval/no-group": ("gene-dml", "no-group", {"predictor": "retrieval"}, 1),
     "gene-dml/retrieval/contrastive-only": ("gene-dml", "contrastive-only", {"predictor": "retrieval"}, 1),
     "gene-dml/mixed-slides": ("gene-dml", "full", {"mix_slides": True}, 1),
@@ -162,6 +163,7 @@ def main() -> None:
             "neighbour_pcc_a": float(mean["neighbour_pcc_a"]),
             "epochs": [int(e) for e in folds["epochs"]],
             "best_epoch": [None if pd.isna(e) else int(e) for e in folds["best_epoch"]],
+            "selected": [str(x) for x in folds["selected"]],
             "train_s": float(folds["train_seconds"].sum()),
             "wall_s": wall,
         }
@@ -169,7 +171,7 @@ def main() -> None:
         save(name, {**settings, "summary": rows, "paired": [], "partial": True})  # progress, in case of a stop
         print(
             f"{label}: PCC(A) {row['pcc_a']:.3f} ± {row['pcc_a_sd']:.3f}, epochs {row['epochs']}, best "
-            f"{row['best_epoch']}, wall {wall:.0f}s",
+            f"{row['best_epoch']}, wall {wall:.0f}s" + (f", chose {row['selected']}" if any(row["selected"]) else ""),
             flush=True,
         )
 

@@ -135,3 +135,80 @@ def test_fit_with_mixed_batches_and_retrieval_saves_loads_and_predicts(demo, tmp
     lo = model.module.ref_expr.min(0).values.numpy()
     hi = model.module.ref_expr.max(0).values.numpy()
     assert (a.X >= lo - 1e-5).all() and (a.X <= hi + 1e-5).all()
+
+
+@pytest.fixture(scope="module")
+def auto_run():
+    """Gene-DML with predictor="auto" trained on three slides, validated on a fourth."""
+    *train, val = slides(n=(50, 40, 45, 35), seed=3)
+    cfg = GeneDMLConfig(**BASE, predictor="auto", top_k=5, lr=3e-3)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = train_method("gene-dml", train, [val], cfg, TrainArgs(max_epochs=4, batch_size=32, patience=4, **CPU))
+    finally:
+        torch.set_num_threads(n)
+    return res, val
+
+
+def test_auto_predictor_keeps_the_best_on_validation_and_saves_that_choice(auto_run):
+    from genedml_sd.model._losses import mean_gene_pcc
+
+    res, val = auto_run
+    chosen, scores = res.selection["predictor"], res.selection["scores"]
+    assert res.config.predictor == chosen == res.module.config.predictor and set(scores) == {
+        "head",
+        "retrieval",
+        "blend",
+    }
+    # each score is the validation PCC of that predictor, recomputed here with the same weights and bank
+    for name, score in scores.items():
+        again = GeneDML(GeneDMLConfig.from_dict({**res.config.to_dict(), "predictor": name}))
+        again.load_state_dict(res.module.state_dict())
+        with torch.no_grad():
+            pred = again.eval().predict_slide(val.local, val.coords, val.neighbour)
+        assert score == pytest.approx(float(mean_gene_pcc(pred, val.expr)), abs=1e-6)
+    assert scores[chosen] == max(scores.values())
+    # the saved config names the chosen predictor and keeps the bank, whichever was chosen
+    rebuilt = GeneDML(GeneDMLConfig.from_dict(res.config.to_dict()))
+    rebuilt.load_state_dict(res.module.state_dict())
+    assert rebuilt.ref_expr.shape == (135, 7)
+
+
+def test_auto_predictor_rules_without_validation_and_with_a_constant_head(auto_run):
+    import copy
+
+    from genedml_sd.model._retrieval import choose_predictor
+
+    res, val = auto_run
+    module = copy.deepcopy(res.module)
+    assert choose_predictor(module, []) == {
+        "predictor": "head",
+        "scores": {},
+        "source": "no validation slides: the head",
+    }
+    # a head that predicts a constant has no signal (PCC ~ 0); the blend then ranks spots exactly as the
+    # retrieval does (a tie), and a tie keeps the earlier candidate: the retrieval
+    module.config = module.config.replace(predictor="auto")
+    with torch.no_grad():
+        module.head[-1].weight.zero_()
+    out = choose_predictor(module, [val])
+    assert abs(out["scores"]["head"] or 0.0) < 1e-6 and out["scores"]["retrieval"] > 0.05
+    assert out["scores"]["blend"] == pytest.approx(out["scores"]["retrieval"], abs=1e-6)
+    assert out["predictor"] == "retrieval" == module.config.predictor
+
+
+def test_fit_auto_records_the_choice_and_the_saved_model_predicts_with_it(demo, tmp_path):
+    import genedml_sd as gd
+
+    b4, c2, c3, _ = demo
+    model = gd.tl.fit(
+        [b4, c2, c3], genes=15, encoder="stain-texture", max_epochs=2, val_sections=["C3"], dim=64, predictor="auto"
+    )
+    sel = model.training["selection"]
+    assert model.training["validation_sections"] == ["C3"] and sel["source"] == "validation sections (1)"
+    assert sel["predictor"] == model.config.predictor != "auto" and set(sel["scores"]) == {"head", "retrieval", "blend"}
+    model.save(tmp_path / "m")
+    loaded = gd.tl.TrainedModel.load(tmp_path / "m")
+    assert loaded.config.predictor == sel["predictor"] and loaded.training["selection"] == sel
+    np.testing.assert_array_equal(gd.tl.predict(c3, model, inplace=False).X, gd.tl.predict(c3, loaded, inplace=False).X)

@@ -258,6 +258,13 @@ class SlideModule(nn.Module):
     def on_fit_end(self) -> None:
         """Called once after training, with the best epoch's weights restored (e.g. BLEEP's final bank)."""
 
+    def select_on_validation(self, val: Sequence[SlideTensors]) -> dict[str, Any]:
+        """Choices made on the validation slides once training ends, after :meth:`on_fit_end` (default none).
+
+        E.g. Gene-DML's ``predictor="auto"``. Returns what was chosen (recorded with the training run).
+        """
+        return {}
+
     def configure_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
         """Optimiser and scheduler: :attr:`optimizer_cls` + StepLR from the config fields.
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ._data import SlideTensors
 
 #: Values of ``GeneDMLConfig.predictor``.
-PREDICTORS = ("head", "retrieval", "blend")
+PREDICTORS = ("head", "retrieval", "blend", "auto")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the full model of the paper: three scales, both contrastive pathways, MSE
@@ -100,9 +100,12 @@ class GeneDMLConfig(TrainedConfig):
         How expression is predicted: ``"head"`` (the paper's prediction head on the fused scale
         tokens), ``"retrieval"`` (BLEEP-style, from the gene-aligned space: the mean measured expression
         of the ``top_k`` training spots whose gene embeddings are most similar to the query's scale
-        tokens, cosine similarity averaged over scales) or ``"blend"`` (the mean of the two). Training
-        is the same for all three; only prediction (and so validation and early stopping) differs.
-        Retrieval needs the instance loss (it defines the aligned space).
+        tokens, cosine similarity averaged over scales), ``"blend"`` (the mean of the two) or ``"auto"``:
+        whichever of the three has the highest mean per-gene PCC on the validation slides once training
+        ends (training data only, never a test section; ``"head"`` without validation slides); the
+        saved config then names the chosen one, and validation during training (early stopping) uses
+        the blend. Training is the same for all four; only prediction differs. Retrieval needs the
+        instance loss (it defines the aligned space).
     top_k
         Training spots retrieved per query (``predictor`` ``"retrieval"`` / ``"blend"``).
     reference_size
@@ -181,7 +184,7 @@ class GeneDMLConfig(TrainedConfig):
 
     @property
     def retrieves(self) -> bool:
-        """Whether prediction uses the retrieval bank (``predictor`` ``"retrieval"`` or ``"blend"``)."""
+        """Whether prediction uses (or may use) the retrieval bank: ``predictor`` other than ``"head"``."""
         return self.predictor != "head"
 
     def for_training(self, train: Sequence[SlideTensors]) -> GeneDMLConfig:

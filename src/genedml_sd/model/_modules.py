@@ -15,7 +15,7 @@ from ._config import GeneDMLConfig
 from ._context import SlideContext, fixed_context_rows, sample_context_rows
 from ._data import SlideTensors
 from ._losses import instance_group_loss, multiscale_instance_loss, prediction_loss
-from ._retrieval import reference_rows, topk_mean_expression
+from ._retrieval import choose_predictor, reference_rows, topk_mean_expression
 
 
 class Block(nn.Module):
@@ -207,7 +207,7 @@ class GeneDML(SlideModule):
         self.head = nn.Sequential(
             nn.LayerNorm(n_scales * d), nn.Dropout(cfg.dropout), nn.Linear(n_scales * d, cfg.n_genes)
         )
-        if cfg.retrieves:  # the retrieval bank: training expression and its gene embeddings (buffers)
+        if cfg.retrieves or cfg.n_reference:  # retrieval bank (kept if "auto" chose the head): expression, embeddings
             self.register_buffer("ref_expr", torch.zeros(cfg.n_reference, cfg.n_genes))
             self.register_buffer("ref_embedding", torch.zeros(cfg.n_reference, d))
 
@@ -438,13 +438,17 @@ class GeneDML(SlideModule):
         """Predicted expression (B, G) from local (B, D), neighbour (B, 25, D) features and global tokens (B, dim).
 
         By ``config.predictor``: the head's output, the retrieval from the gene-aligned space
-        (:meth:`retrieve`), or their mean.
+        (:meth:`retrieve`), or their mean (``"blend"``, and ``"auto"`` before :meth:`select_on_validation`).
         """
         out = self(local, neighbour, slide_rows)
         if self.config.predictor == "head":
             return out["pred"]
         retrieved = self.retrieve(out["tokens"])
         return retrieved if self.config.predictor == "retrieval" else (out["pred"].float() + retrieved) / 2
+
+    def select_on_validation(self, val: Sequence[SlideTensors]) -> dict[str, object]:
+        """With ``predictor="auto"``: keep the predictor with the best validation PCC (see :func:`choose_predictor`)."""
+        return choose_predictor(self, val) if self.config.predictor == "auto" else {}
 
     # ------------------------------------------------------------------------------ retrieval predictor
     def prepare(self, train: Sequence[SlideTensors]) -> None:

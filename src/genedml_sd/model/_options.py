@@ -154,6 +154,10 @@ class TrainResult:
     contexts
         Per-training-slide static contexts of the module (:meth:`~genedml_sd.model.SlideModule.slide_context`,
         e.g. NH2ST's spot neighbourhoods); empty if it has none.
+    selection
+        What :meth:`~genedml_sd.model.SlideModule.select_on_validation` chose on the validation slides
+        after training (e.g. Gene-DML's ``predictor="auto"``: the predictor and each candidate's score);
+        empty if nothing.
     seconds
         Wall-clock seconds spent training, set by :func:`~genedml_sd.model.train_method` (one-off
         imports of the training back end excluded, so the first fold of a run is not charged for them).
@@ -164,6 +168,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     contexts: list[Any] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 

@@ -5,7 +5,20 @@ Shared by BLEEP and Gene-DML's ``predictor="retrieval"``; only torch is imported
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+
+from ._base import targets
+from ._data import SlideTensors
+from ._losses import mean_gene_pcc
+
+#: The predictors ``predictor="auto"`` chooses among, in order of preference on a tie.
+AUTO_CANDIDATES = ("head", "retrieval", "blend")
+#: Validation PCCs closer than this count as a tie in :func:`choose_predictor`.
+TIE = 1e-6
 
 
 def topk_mean_expression(sims: torch.Tensor, ref_expr: torch.Tensor, k: int, tau: float | None = None) -> torch.Tensor:
@@ -47,3 +60,37 @@ def reference_rows(n_spots: int, n_reference: int) -> torch.Tensor:
         return torch.arange(n_spots)
     g = torch.Generator().manual_seed(0)
     return torch.randperm(n_spots, generator=g)[:n_reference].sort().values
+
+
+@torch.no_grad()
+def choose_predictor(module: Any, val: Sequence[SlideTensors], batch_size: int = 1024) -> dict[str, Any]:
+    """Set a Gene-DML module's ``config.predictor`` to the best of :data:`AUTO_CANDIDATES` on validation slides.
+
+    Each candidate predicts every validation slide whole with the module's current (best-epoch) weights
+    and retrieval bank; its score is the mean over slides of the mean per-gene PCC (as logged as
+    ``val/pcc``). The highest score wins; a tie (within :data:`TIE`) keeps the earlier candidate, and every
+    score NaN keeps the head, as does training
+    without validation slides. Only training data enters the choice: the validation
+    slides are held out of the training slides, never a test section.
+
+    Returns
+    -------
+    ``{"predictor": chosen, "scores": {candidate: score or None}, "source": ...}``, for the training record.
+    """
+    if not val:
+        module.config = module.config.replace(predictor="head")
+        return {"predictor": "head", "scores": {}, "source": "no validation slides: the head"}
+    scores: dict[str, float | None] = {}
+    for name in AUTO_CANDIDATES:
+        module.config = module.config.replace(predictor=name)
+        per_slide = []
+        for s in val:
+            pred = module.predict_slide(s.local, s.coords, s.neighbour, batch_size=batch_size)
+            per_slide.append(float(mean_gene_pcc(pred, targets(s).to(pred.device))))
+        finite = [x for x in per_slide if math.isfinite(x)]
+        scores[name] = sum(finite) / len(finite) if finite else None
+    value = {n: -math.inf if v is None else v for n, v in scores.items()}
+    top = max(value.values())
+    best = next((n for n in AUTO_CANDIDATES if top > -math.inf and value[n] >= top - TIE), "head")
+    module.config = module.config.replace(predictor=best)
+    return {"predictor": best, "scores": scores, "source": f"validation sections ({len(val)})"}

@@ -239,8 +239,14 @@ def train_module(
         tmp.cleanup()
     module.on_fit_end()
     module.eval()
+    selection = module.select_on_validation(plan.val_slides)
     return TrainResult(
-        module=module, config=module.config, history=plan.history, best_epoch=plan.best_epoch, contexts=plan.contexts
+        module=module,
+        config=module.config,
+        history=plan.history,
+        best_epoch=plan.best_epoch,
+        contexts=plan.contexts,
+        selection=selection,
     )
 
 

@@ -126,7 +126,8 @@ def cross_validate(
     expression of its adjacent spots, :func:`~genedml_sd.tl.neighbour_reference`, information no image
     model has), ``uncertainty_rho`` (ensembles only), ``n_constant``, ``epochs`` (epochs
     trained, i.e. where early stopping stopped), ``best_epoch`` (epoch whose weights were kept; NaN
-    without validation sections), ``train_seconds``, ``predict_seconds``), then a ``mean`` and an
+    without validation sections), ``selected`` (the predictor chosen on the validation sections with
+    Gene-DML's ``predictor="auto"``, else empty), ``train_seconds``, ``predict_seconds``), then a ``mean`` and an
     ``sd`` row over folds (``epochs`` and ``best_epoch`` are NaN there; for an ensemble both are its first
     member's, and ``train_seconds`` sums the members). ``df.attrs`` holds the
     per-slide results (``"per_slide"``), the per-gene test PCCs (``"per_gene"``: a DataFrame with
@@ -254,6 +255,7 @@ def cross_validate(
                 "n_constant": int(sum(s["n_constant"] for s in fold_scores)),
                 "epochs": model.training["epochs"],
                 "best_epoch": _epoch_or_nan(model.training.get("best_epoch")),
+                "selected": str(model.training.get("selection", {}).get("predictor", "")),
                 "train_seconds": float(sum(m.training["seconds"] for m in members)),
                 "predict_seconds": predict_seconds,
             }

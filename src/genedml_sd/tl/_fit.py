@@ -270,6 +270,7 @@ def fit(
         "layer": layer,
         "gene_flavor": gene_flavor if isinstance(genes, int | np.integer) else "list",
         "feature_mode_calls": mode_calls,
+        "selection": dict(result.selection),
     }
     return TrainedModel(
         module=module,

@@ -52,7 +52,9 @@ class TrainedModel:
     history
         Per-epoch training losses and validation metrics.
     training
-        Training provenance: sections, patients, validation sections, epochs, seconds, device, gene ranking.
+        Training provenance: sections, patients, validation sections, epochs, seconds, device, gene ranking,
+        and ``selection``: what was chosen on the validation sections after training (e.g. the predictor
+        of Gene-DML's ``predictor="auto"`` with each candidate's validation PCC).
     method
         Name of the method in the registry (:func:`genedml_sd.tl.list_methods`).
     """
