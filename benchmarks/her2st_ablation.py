@@ -31,7 +31,8 @@ import genedml_sd as gd
 
 # label -> (method, config preset, extra fit arguments, ensemble members)
 VARIANTS: dict[str, tuple[str, str, dict, int]] = {
-    "gene-dml": ("gene-dml", "full", {}, 1),
+    "gene-dml": ("gene-dml", "full", {}, 1),  # today's defaults (predictor="auto" since 2026-12-03)
+    "gene-dml/head": ("gene-dml", "full", {"predictor": "head"}, 1),  # the paper's predictor, the default before
     "gene-dml/slide-standardised": ("gene-dml", "full", {"slide_standardise": True}, 1),
     "gene-dml/ensemble-3": ("gene-dml", "full", {}, 3),
     "gene-dml/no-instance": ("gene-dml", "no-instance", {}, 1),
@@ -44,6 +45,9 @@ VARIANTS: dict[str, tuple[str, str, dict, int]] = {
     "gene-dml/retrieval": ("gene-dml", "full", {"predictor": "retrieval"}, 1),
     "gene-dml/blend": ("gene-dml", "full", {"predictor": "blend"}, 1),
     "gene-dml/auto": ("gene-dml", "full", {"predictor": "auto"}, 1),
+    "gene-dml/auto/ensemble-3": ("gene-dml", "full", {"predictor": "auto"}, 3),
+    "gene-dml/auto/no-group": ("gene-dml", "no-group", {"predictor": "auto"}, 1),
+    "gene-dml/auto/no-multiscale": ("gene-dml", "no-multiscale", {"predictor": "auto"}, 1),
     "gene-dml/retrieval/no-group": ("gene-dml", "no-group", {"predictor": "retrieval"}, 1),
     "gene-dml/retrieval/contrastive-only": ("gene-dml", "contrastive-only", {"predictor": "retrieval"}, 1),
     "gene-dml/mixed-slides": ("gene-dml", "full", {"mix_slides": True}, 1),

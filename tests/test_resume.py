@@ -87,7 +87,7 @@ def test_last_checkpoint_holds_the_full_state(tmp_path):
     assert weights.keys() == res.module.state_dict().keys()
     run = json.loads((d / "run.json").read_text())
     assert (run["method"], run["seed"], run["batch_size"]) == ("gene-dml", 1, 48)
-    assert run["config"] == json.loads(json.dumps(CFG.to_dict()))
+    assert run["config"] == json.loads(json.dumps(CFG.for_training(train).to_dict()))  # with the bank's size
     assert [s["name"] for s in run["train"]] == ["s0", "s1"] and [s["name"] for s in run["val"]] == ["s2"]
     assert run["train"][0]["shapes"] == {
         "local": [96, 12],

@@ -40,7 +40,11 @@ def test_config_checks_and_bank_size():
     with pytest.raises(ValueError, match="needs instance_loss=True"):
         GeneDMLConfig(**BASE, predictor="retrieval", instance_loss=False)
     train = slides()
-    assert GeneDMLConfig(**BASE).for_training(train).n_reference == 0
+    assert GeneDMLConfig(**BASE, predictor="head").for_training(train).n_reference == 0
+    assert GeneDMLConfig(**BASE).predictor == "auto" and GeneDMLConfig(**BASE).for_training(train).n_reference == 135
+    # auto without the instance loss has no aligned space: no bank, and the head predicts
+    no_instance = GeneDMLConfig(**BASE, instance_loss=False)
+    assert not no_instance.retrieves and no_instance.for_training(train).n_reference == 0
     assert GeneDMLConfig(**BASE, predictor="blend").for_training(train).n_reference == 135
     assert GeneDMLConfig(**BASE, predictor="retrieval", reference_size=100).for_training(train).n_reference == 100
     rows = reference_rows(135, 100)
@@ -212,3 +216,28 @@ def test_fit_auto_records_the_choice_and_the_saved_model_predicts_with_it(demo, 
     loaded = gd.tl.TrainedModel.load(tmp_path / "m")
     assert loaded.config.predictor == sel["predictor"] and loaded.training["selection"] == sel
     np.testing.assert_array_equal(gd.tl.predict(c3, model, inplace=False).X, gd.tl.predict(c3, loaded, inplace=False).X)
+
+
+def test_a_model_saved_before_the_predictor_field_loads_with_the_head():
+    old = GeneDMLConfig(**BASE, predictor="head").to_dict()
+    del old["predictor"], old["top_k"], old["reference_size"], old["n_reference"]
+    state = GeneDML(GeneDMLConfig.from_dict({**old, "predictor": "head"})).state_dict()
+    assert not any(k.startswith("ref_") for k in state)
+    cfg = GeneDMLConfig.from_saved(old)
+    assert cfg.predictor == "head" and cfg.n_reference == 0
+    GeneDML(cfg).load_state_dict(state)  # strict: the same buffers as when it was saved
+    # a dict config without the field (presets, fit(config={...})) takes today's default
+    assert (
+        GeneDMLConfig.from_dict(old).predictor == "auto"
+        and GeneDMLConfig.preset("no-group", **BASE).predictor == "auto"
+    )
+    # a saved choice is kept
+    assert GeneDMLConfig.from_saved({**old, "predictor": "retrieval", "n_reference": 4}).predictor == "retrieval"
+
+
+def test_auto_without_the_instance_loss_trains_and_predicts_with_the_head():
+    *train, val = slides(n=(50, 40, 45, 35))
+    cfg = GeneDMLConfig(**BASE, instance_loss=False)
+    res = train_method("gene-dml", train, [val], cfg, TrainArgs(max_epochs=1, batch_size=32, **CPU))
+    assert res.config.predictor == "head" and res.selection["predictor"] == "head" and not res.selection["scores"]
+    assert "instance loss" in res.selection["source"] and not hasattr(res.module, "ref_expr")

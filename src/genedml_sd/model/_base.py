@@ -77,6 +77,15 @@ class MethodConfig:
             raise TypeError(f"Unknown {cls.__name__} fields: {unknown}.")
         return cls(**d)
 
+    #: Values of fields added after models were first saved that reproduce those models' behaviour,
+    #: where today's default differs (read by ``from_saved``).
+    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_saved(cls, d: Mapping[str, Any]) -> Any:
+        """Rebuild a saved model's config: :meth:`from_dict`, a field it lacks taking its :attr:`SAVED_DEFAULTS` value."""
+        return cls.from_dict({**cls.SAVED_DEFAULTS, **d})
+
     def replace(self, **changes: Any) -> Any:
         """A copy with some fields changed (checked again)."""
         return replace(self, **changes)

@@ -97,15 +97,16 @@ class GeneDMLConfig(TrainedConfig):
         O(N context_size) per epoch instead of O(N^3 / batch_size). ``None``: always exact (the
         paper's; infeasible beyond about 10^4 spots per slide).
     predictor
-        How expression is predicted: ``"head"`` (the paper's prediction head on the fused scale
+        How expression is predicted: ``"auto"`` (the default, below), ``"head"`` (the paper's prediction head on the fused scale
         tokens), ``"retrieval"`` (BLEEP-style, from the gene-aligned space: the mean measured expression
         of the ``top_k`` training spots whose gene embeddings are most similar to the query's scale
-        tokens, cosine similarity averaged over scales), ``"blend"`` (the mean of the two) or ``"auto"``:
-        whichever of the three has the highest mean per-gene PCC on the validation slides once training
-        ends (training data only, never a test section; ``"head"`` without validation slides); the
-        saved config then names the chosen one, and validation during training (early stopping) uses
-        the blend. Training is the same for all four; only prediction differs. Retrieval needs the
-        instance loss (it defines the aligned space).
+        tokens, cosine similarity averaged over scales) or ``"blend"`` (the mean of the two). ``"auto"``
+        keeps whichever of the three has the highest mean per-gene PCC on the validation slides once
+        training ends (training data only, never a test section; the head without validation slides or
+        without the instance loss); the saved config then names the chosen one, and validation during
+        training (early stopping) uses the blend. Training is the same for all; only prediction
+        differs. ``"head"`` is the paper's model (and what models saved before this field existed
+        use). Retrieval needs the instance loss (it defines the aligned space).
     top_k
         Training spots retrieved per query (``predictor`` ``"retrieval"`` / ``"blend"``).
     reference_size
@@ -117,6 +118,7 @@ class GeneDMLConfig(TrainedConfig):
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {"predictor": "head"}  # saved before `predictor` existed
 
     dim: int = 512
     use_local: bool = True
@@ -144,7 +146,7 @@ class GeneDMLConfig(TrainedConfig):
     pos_max_um: float = 20000.0
     attn_chunk: int = 4096
     context_size: int | None = 1024
-    predictor: str = "head"
+    predictor: str = "auto"
     top_k: int = 50
     reference_size: int = 50_000
     n_reference: int = 0
@@ -171,7 +173,7 @@ class GeneDMLConfig(TrainedConfig):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.predictor not in PREDICTORS:
             raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}.")
-        if self.predictor != "head" and not self.instance_loss:
+        if self.predictor in ("retrieval", "blend") and not self.instance_loss:
             raise ValueError(
                 f"predictor={self.predictor!r} retrieves from the gene-aligned space, which the instance loss "
                 "learns: it needs instance_loss=True."
@@ -184,8 +186,13 @@ class GeneDMLConfig(TrainedConfig):
 
     @property
     def retrieves(self) -> bool:
-        """Whether prediction uses (or may use) the retrieval bank: ``predictor`` other than ``"head"``."""
-        return self.predictor != "head"
+        """Whether prediction uses (or may use) the retrieval bank (``"retrieval"``, ``"blend"``, ``"auto"`` with the instance loss)."""
+        return self.predictor in ("retrieval", "blend") or (self.predictor == "auto" and self.instance_loss)
+
+    @property
+    def predicts_from_bank(self) -> bool:
+        """Whether prediction reads the bank now (``"retrieval"``, ``"blend"``, and ``"auto"``, as the blend, once it has one)."""
+        return self.predictor in ("retrieval", "blend") or (self.retrieves and self.n_reference > 0)
 
     def for_training(self, train: Sequence[SlideTensors]) -> GeneDMLConfig:
         """A copy with ``n_reference`` set: the retrieval bank's size for these slides (0 with the head alone)."""

@@ -438,16 +438,16 @@ class GeneDML(SlideModule):
         """Predicted expression (B, G) from local (B, D), neighbour (B, 25, D) features and global tokens (B, dim).
 
         By ``config.predictor``: the head's output, the retrieval from the gene-aligned space
-        (:meth:`retrieve`), or their mean (``"blend"``, and ``"auto"`` before :meth:`select_on_validation`).
+        (:meth:`retrieve`), or their mean (``"blend"``, and ``"auto"`` with a bank before :meth:`select_on_validation`).
         """
         out = self(local, neighbour, slide_rows)
-        if self.config.predictor == "head":
+        if not self.config.predicts_from_bank:  # the head, also "auto" with no bank (no instance loss / untrained)
             return out["pred"]
         retrieved = self.retrieve(out["tokens"])
         return retrieved if self.config.predictor == "retrieval" else (out["pred"].float() + retrieved) / 2
 
     def select_on_validation(self, val: Sequence[SlideTensors]) -> dict[str, object]:
-        """With ``predictor="auto"``: keep the predictor with the best validation PCC (see :func:`choose_predictor`)."""
+        """With ``predictor="auto"``: keep the predictor with the best validation PCC (see ``model._retrieval.choose_predictor``)."""
         return choose_predictor(self, val) if self.config.predictor == "auto" else {}
 
     # ------------------------------------------------------------------------------ retrieval predictor

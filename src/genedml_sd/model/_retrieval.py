@@ -68,15 +68,18 @@ def choose_predictor(module: Any, val: Sequence[SlideTensors], batch_size: int =
 
     Each candidate predicts every validation slide whole with the module's current (best-epoch) weights
     and retrieval bank; its score is the mean over slides of the mean per-gene PCC (as logged as
-    ``val/pcc``). The highest score wins; a tie (within :data:`TIE`) keeps the earlier candidate, and every
-    score NaN keeps the head, as does training
-    without validation slides. Only training data enters the choice: the validation
-    slides are held out of the training slides, never a test section.
+    ``val/pcc``). The highest score wins; a tie (within :data:`TIE`) keeps the earlier candidate, and
+    every score NaN keeps the head, as does training without validation slides or without the instance
+    loss. Only training data enters the choice: the validation slides are held out of the training
+    slides, never a test section.
 
     Returns
     -------
     ``{"predictor": chosen, "scores": {candidate: score or None}, "source": ...}``, for the training record.
     """
+    if not module.config.instance_loss:
+        module.config = module.config.replace(predictor="head")
+        return {"predictor": "head", "scores": {}, "source": "no instance loss (no gene-aligned space): the head"}
     if not val:
         module.config = module.config.replace(predictor="head")
         return {"predictor": "head", "scores": {}, "source": "no validation slides: the head"}

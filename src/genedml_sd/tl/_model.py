@@ -210,7 +210,7 @@ class TrainedModel:
             )
         method = meta.get("method", "gene-dml")
         spec = get_method(method)
-        config = spec.config.from_dict(meta["config"])
+        config = spec.config.from_saved(meta["config"])
         genes = [str(g) for g in meta["genes"]]
         n_genes = getattr(config, "n_genes", None)
         if n_genes is not None and int(n_genes) != len(genes):
