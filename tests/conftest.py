@@ -23,6 +23,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(gd.settings, "progress", False)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (tiny tensors: fastest, and no OpenMP spin-waits on a shared CPU).
+
+    Modules of small-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def her2st_root() -> Path:
     if not (HER2ST / "sections.csv").exists():

@@ -20,12 +20,7 @@ from genedml_sd.model._plan import TrainingPlan
 CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def slides(n=(40, 25, 31), seed=0) -> list[SlideTensors]:

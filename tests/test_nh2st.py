@@ -25,14 +25,7 @@ from genedml_sd.model._nh2st import (
     weighted_contrastive_loss,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is fastest, and avoids OpenMP spin-waits on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_nh2st_module_imports_only_torch_and_numpy():

@@ -20,12 +20,7 @@ from genedml_sd.model import GeneDMLConfig, SlideTensors, TrainArgs, train_metho
 CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def slides(seed: int = 0, n: int = 96) -> list[SlideTensors]:

@@ -13,12 +13,7 @@ CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 BASE = {"enc_dim": 12, "n_genes": 7, "dim": 32, "n_heads": 4, "gene_hidden": 16, "group_dim": 8, "k": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def slides(n=(50, 40, 45), seed=0) -> list[SlideTensors]:

@@ -35,12 +35,7 @@ D, G = 6, 4
 CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
