@@ -67,7 +67,7 @@ def choose_predictor(module: Any, val: Sequence[SlideTensors], batch_size: int =
     """Set a Gene-DML module's ``config.predictor`` to the best of :data:`AUTO_CANDIDATES` on validation slides.
 
     Each candidate predicts every validation slide whole with the module's current (best-epoch) weights
-    and retrieval bank; its score is the mean over slides of the mean per-gene PCC (as logged as
+    and retrieval bank (the blend as the mean of the head's and the retrieval's predictions); its score is the mean over slides of the mean per-gene PCC (as logged as
     ``val/pcc``). The highest score wins; a tie (within :data:`TIE`) keeps the earlier candidate, and
     every score NaN keeps the head, as does training without validation slides or without the instance
     loss. Only training data enters the choice: the validation slides are held out of the training
@@ -77,20 +77,25 @@ def choose_predictor(module: Any, val: Sequence[SlideTensors], batch_size: int =
     -------
     ``{"predictor": chosen, "scores": {candidate: score or None}, "source": ...}``, for the training record.
     """
-    if not module.config.instance_loss:
+    fallback = "no instance loss (no gene-aligned space)" if not module.config.instance_loss else None
+    if fallback is None and not val:
+        fallback = "no validation slides"
+    if fallback is not None:
         module.config = module.config.replace(predictor="head")
-        return {"predictor": "head", "scores": {}, "source": "no instance loss (no gene-aligned space): the head"}
-    if not val:
-        module.config = module.config.replace(predictor="head")
-        return {"predictor": "head", "scores": {}, "source": "no validation slides: the head"}
+        return {"predictor": "head", "scores": {}, "source": f"{fallback}: the head"}
+    per_slide: dict[str, list[float]] = {name: [] for name in AUTO_CANDIDATES}
+    for s in val:  # the blend is the mean of the other two: two passes over each slide, not three
+        preds = {}
+        for name in ("head", "retrieval"):
+            module.config = module.config.replace(predictor=name)
+            preds[name] = module.predict_slide(s.local, s.coords, s.neighbour, batch_size=batch_size).float()
+        preds["blend"] = (preds["head"] + preds["retrieval"]) / 2
+        target = targets(s).to(preds["head"].device)
+        for name in AUTO_CANDIDATES:
+            per_slide[name].append(float(mean_gene_pcc(preds[name], target)))
     scores: dict[str, float | None] = {}
-    for name in AUTO_CANDIDATES:
-        module.config = module.config.replace(predictor=name)
-        per_slide = []
-        for s in val:
-            pred = module.predict_slide(s.local, s.coords, s.neighbour, batch_size=batch_size)
-            per_slide.append(float(mean_gene_pcc(pred, targets(s).to(pred.device))))
-        finite = [x for x in per_slide if math.isfinite(x)]
+    for name, values in per_slide.items():
+        finite = [x for x in values if math.isfinite(x)]
         scores[name] = sum(finite) / len(finite) if finite else None
     value = {n: -math.inf if v is None else v for n, v in scores.items()}
     top = max(value.values())

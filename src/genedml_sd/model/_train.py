@@ -240,6 +240,8 @@ def train_module(
     module.on_fit_end()
     module.eval()
     selection = module.select_on_validation(plan.val_slides)
+    if selection:
+        logger.info("Chosen on the validation slides: %s", selection)
     return TrainResult(
         module=module,
         config=module.config,
