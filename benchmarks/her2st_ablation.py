@@ -161,6 +161,7 @@ def main() -> None:
             "pcc_a_sd": float(sd["pcc_a"]),
             "pcc_a_folds": [float(x) for x in folds["pcc_a"]],
             "pcc_h_leak_free": float(mean["pcc_h_leak_free"]),
+            "val_pcc_a": float(mean["val_pcc_a"]),  # folds with a validation section (training data only)
             "mse": float(mean["mse"]),
             "reliability_rho": float(mean["reliability_rho"]),
             "uncertainty_rho": float(mean["uncertainty_rho"]) if "uncertainty_rho" in df else float("nan"),
@@ -203,6 +204,7 @@ def main() -> None:
                     "variant": r["variant"],
                     "PCC(A)": f"{r['pcc_a']:.3f} ± {r['pcc_a_sd']:.3f}",
                     "per fold": " / ".join(f"{x:.3f}" for x in r["pcc_a_folds"]),
+                    "val PCC(A)": "" if np.isnan(r["val_pcc_a"]) else f"{r['val_pcc_a']:.3f}",
                     "epochs (best)": ", ".join(f"{e} ({b})" for e, b in zip(r["epochs"], r["best_epoch"], strict=True)),
                     "reliability rho": f"{r['reliability_rho']:.2f}",
                     "uncertainty rho": "" if np.isnan(r["uncertainty_rho"]) else f"{r['uncertainty_rho']:.2f}",
@@ -210,7 +212,16 @@ def main() -> None:
                 }
                 for r in rows
             ],
-            ["variant", "PCC(A)", "per fold", "epochs (best)", "reliability rho", "uncertainty rho", "train s"],
+            [
+                "variant",
+                "PCC(A)",
+                "per fold",
+                "val PCC(A)",
+                "epochs (best)",
+                "reliability rho",
+                "uncertainty rho",
+                "train s",
+            ],
         )
     )
     print(f"ceiling reference (mean of adjacent spots' measured expression): PCC(A) {rows[0]['neighbour_pcc_a']:.3f}")

@@ -306,6 +306,7 @@ def test_cross_validate_keeps_per_gene_scores_and_predictions(real_cv):
     assert (ridge.loc[~ridge["fold"].isin(["mean", "sd"]), "best_epoch"] == 0).all()  # closed form
     # fold B trains on C2, C3 (no validation section): no epoch was selected
     assert np.isnan(float(mlp.loc[0, "best_epoch"])) and mlp.loc[0, "epochs"] == 3
+    assert np.isnan(float(mlp.loc[0, "val_pcc_a"]))  # and no validation score
 
 
 def test_compare_methods_on_real_cross_validation(real_cv):
@@ -332,3 +333,23 @@ def test_resampled_pearson_drops_constant_draws_like_per_gene_pearson():
     want[np.array([np.ptp(obs[d], axis=0) == 0 for d in draws])] = np.nan
     np.testing.assert_allclose(got, want, atol=1e-10, equal_nan=True)
     assert 0 < np.isnan(got[:, 0]).sum() < 60 and np.isnan(got[:, 2]).all() and np.isfinite(got[:, [1, 3]]).all()
+
+
+def test_cross_validate_reports_the_validation_pcc_of_each_fold(demo):
+    """``val_pcc_a``: the fold model's mean per-gene PCC on its validation section, as a direct evaluation gives it."""
+    b4, c2, c3, _ = demo
+    common = {"encoder": ENCODER, "genes": 20, "feature_mode": "spot", "seed": 0, "method": "ridge"}
+    res = gd.tl.cross_validate([b4, c2, c3], groups="section", val_sections=1, **common)
+    fold_b = res[res["test_group"] == "B4"].iloc[0]  # trains on C2, C3 and validates on one of them
+    val_name = fold_b["validation_sections"]
+    assert val_name in ("C2", "C3")
+    model = gd.tl.fit([c2, c3], val_sections=1, **common)
+    assert model.training["validation_sections"] == [val_name]
+    val_sdata = {"C2": c2, "C3": c3}[val_name]
+    gd.tl.predict(val_sdata, model, key_added="val_pred", overwrite=True)
+    direct = gd.tl.evaluate(val_sdata, pred_key="val_pred", inplace=False).summary["pcc_a"]
+    del val_sdata.tables["val_pred"]
+    assert fold_b["val_pcc_a"] == pytest.approx(direct, abs=1e-4)
+    assert fold_b["val_pcc_a"] != pytest.approx(fold_b["pcc_a"], abs=1e-6)  # not the test score
+    folds = res[~res["fold"].isin(["mean", "sd"])]
+    assert res[res["fold"] == "mean"].iloc[0]["val_pcc_a"] == pytest.approx(folds["val_pcc_a"].mean())

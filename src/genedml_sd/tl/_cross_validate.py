@@ -127,7 +127,9 @@ def cross_validate(
     model has), ``uncertainty_rho`` (ensembles only), ``n_constant``, ``epochs`` (epochs
     trained, i.e. where early stopping stopped), ``best_epoch`` (epoch whose weights were kept; NaN
     without validation sections), ``selected`` (the predictor chosen on the validation sections with
-    Gene-DML's ``predictor="auto"``, else empty), ``train_seconds``, ``predict_seconds``), then a ``mean`` and an
+    Gene-DML's ``predictor="auto"``, else empty), ``val_pcc_a`` (mean per-gene PCC of the trained model
+    on the fold's validation sections, training data only: the score to compare settings by without
+    looking at the test patient; NaN without validation sections), ``train_seconds``, ``predict_seconds``), then a ``mean`` and an
     ``sd`` row over folds (``epochs`` and ``best_epoch`` are NaN there; for an ensemble both are its first
     member's, and ``train_seconds`` sums the members). ``df.attrs`` holds the
     per-slide results (``"per_slide"``), the per-gene test PCCs (``"per_gene"``: a DataFrame with
@@ -256,12 +258,13 @@ def cross_validate(
                 "epochs": model.training["epochs"],
                 "best_epoch": _epoch_or_nan(model.training.get("best_epoch")),
                 "selected": str(model.training.get("selection", {}).get("predictor", "")),
+                "val_pcc_a": _validation_pcc(model.training),
                 "train_seconds": float(sum(m.training["seconds"] for m in members)),
                 "predict_seconds": predict_seconds,
             }
         )
     df = pd.DataFrame(rows)
-    numeric = [*metrics, "train_seconds", "predict_seconds"]
+    numeric = [*metrics, "val_pcc_a", "train_seconds", "predict_seconds"]
     summary = pd.DataFrame(
         [
             {"fold": "mean", "test_group": "all", **df[numeric].mean().to_dict()},
@@ -336,6 +339,14 @@ def _gene_rows(per_gene: pd.DataFrame, fold: int, group: str, section: str) -> p
             "constant": per_gene["constant"].to_numpy(dtype=bool),
         }
     )
+
+
+def _validation_pcc(training: dict[str, Any]) -> float:
+    """Mean per-gene PCC on the validation sections from a training record (NaN without validation sections)."""
+    if training.get("gene_ranking_source") != "validation sections":
+        return float("nan")
+    values = [v for v in training.get("gene_ranking_pcc", {}).values() if v is not None]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _epoch_or_nan(epoch: Any) -> float:
