@@ -83,8 +83,11 @@ mix_slides
     other slides and patients (see ``TrainArgs.mix_slides`` of :class:`~genedml_sd.model.TrainArgs`).
 val_sections
     Training slides held out for early stopping and model selection: ``"auto"`` holds out one
-    slide when there are at least three, an int holds out that many (chosen with ``seed``), a
-    list names them, ``None`` or ``0`` trains without validation (fixed ``max_epochs``).
+    slide when there are at least three, ``"patient"`` every slide of one training patient (the one
+    with the fewest slides; as ``"auto"`` with fewer than two patients or fewer than two slides left),
+    so that validation measures generalisation to an unseen patient rather than to another section of
+    a training patient; an int holds out that many (chosen with ``seed``), a list names them, ``None``
+    or ``0`` trains without validation (fixed ``max_epochs``).
 patience
     Early-stopping patience in epochs (on validation PCC).
 seed

@@ -59,7 +59,7 @@ def cross_validate(
     shapes_key: str | None = None,
     table_key: str | None = None,
     layer: str | None = None,
-    val_sections: int | Sequence[str] | None = "auto",
+    val_sections: int | str | Sequence[str] | None = "auto",
     n_top: int = N_TOP,
     seed: int = 0,
     max_epochs: int = 100,

@@ -62,11 +62,20 @@ def resolve_encoder(
     return loaded, EncoderRef.of(loaded, pretrained=pretrained, weights=None if weights is None else str(weights))
 
 
-def _split_validation(infos: list[dict], val_sections: int | Sequence[str] | None, seed: int) -> list[int]:
+def _split_validation(infos: list[dict], val_sections: int | str | Sequence[str] | None, seed: int) -> list[int]:
     """Indices of training slides held out for validation (never from the test data)."""
     n = len(infos)
+    if val_sections == "auto":
+        val_sections = 1 if n >= 3 else None
     if val_sections is None or val_sections == 0:
         return []
+    if val_sections == "patient":
+        return _patient_validation(infos, seed)
+    if isinstance(val_sections, str):
+        raise ValueError(
+            f"val_sections must be 'auto', 'patient', a number, a list of section names or None, got "
+            f"{val_sections!r} (for one section, pass [{val_sections!r}])."
+        )
     if isinstance(val_sections, int | np.integer):
         if val_sections >= n:
             raise ValueError(f"val_sections={val_sections} leaves no training slide out of {n}.")
@@ -77,6 +86,22 @@ def _split_validation(infos: list[dict], val_sections: int | Sequence[str] | Non
     if missing:
         raise KeyError(f"Validation sections {missing} are not among the training sections {names}.")
     return [names.index(v) for v in val_sections]
+
+
+def _patient_validation(infos: list[dict], seed: int) -> list[int]:
+    """All slides of one training patient, the one with the fewest slides (ties broken with ``seed``).
+
+    Falls back to ``"auto"`` (one slide of any patient, if at least three slides) when fewer than two
+    patients are present or fewer than two slides would remain for training.
+    """
+    patients = [str(i["patient"]) for i in infos]
+    sizes = {p: patients.count(p) for p in sorted(set(patients))}
+    rng = np.random.default_rng(seed)
+    order = sorted(sizes, key=lambda p: (sizes[p], rng.random()))
+    if len(sizes) < 2 or len(infos) - sizes[order[0]] < 2:
+        logger.info("val_sections='patient' needs two patients and two slides left to train on: using 'auto'.")
+        return _split_validation(infos, "auto", seed)
+    return [i for i, p in enumerate(patients) if p == order[0]]
 
 
 @docs
@@ -99,7 +124,7 @@ def fit(
     max_epochs: int = 100,
     batch_size: int = 256,
     mix_slides: bool = False,
-    val_sections: int | Sequence[str] | None = "auto",
+    val_sections: int | str | Sequence[str] | None = "auto",
     patience: int = 10,
     seed: int = 0,
     accelerator: str = "auto",
@@ -227,8 +252,6 @@ def fit(
         slides, keys, features, enc, genes=gene_list, names=names, layer=layer, extraction=extraction
     )
 
-    if val_sections == "auto":
-        val_sections = 1 if len(slides) >= 3 else None
     val_idx = _split_validation(infos, val_sections, seed)
     train = [t for i, t in enumerate(tensors) if i not in val_idx]
     val = [tensors[i] for i in val_idx] or None
