@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[str, str, dict, int]] = {
     "gene-dml/mse-only": ("gene-dml", "mse-only", {}, 1),
     "gene-dml/lr-per-step": ("gene-dml", "full", {"lr_interval": "step"}, 1),
     "gene-dml/k-6": ("gene-dml", "full", {"k": 6}, 1),
+    "gene-dml/lam-0.2": ("gene-dml", "full", {"lam": 0.2}, 1),
+    "gene-dml/tau-ig-0.5": ("gene-dml", "full", {"tau_ig": 0.5}, 1),
     "gene-dml/k-48": ("gene-dml", "full", {"k": 48}, 1),
     "gene-dml/tau-0.3-fixed": ("gene-dml", "full", {"tau_init": 0.3, "learn_tau": False}, 1),
     "gene-dml/retrieval": ("gene-dml", "full", {"predictor": "retrieval"}, 1),
@@ -50,6 +52,9 @@ VARIANTS: dict[str, tuple[str, str, dict, int]] = {
     "gene-dml/auto/no-multiscale": ("gene-dml", "no-multiscale", {"predictor": "auto"}, 1),
     "gene-dml/retrieval/no-group": ("gene-dml", "no-group", {"predictor": "retrieval"}, 1),
     "gene-dml/retrieval/contrastive-only": ("gene-dml", "contrastive-only", {"predictor": "retrieval"}, 1),
+    "gene-dml/val-patient": ("gene-dml", "full", {"val_sections": "patient"}, 1),
+    "gene-dml/val-patient/no-group": ("gene-dml", "no-group", {"val_sections": "patient"}, 1),
+    "gene-dml/val-patient/mse-only": ("gene-dml", "mse-only", {"val_sections": "patient"}, 1),
     "gene-dml/mixed-slides": ("gene-dml", "full", {"mix_slides": True}, 1),
     "gene-dml/mixed-slides+slide-standardised": (
         "gene-dml",
