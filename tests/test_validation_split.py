@@ -43,3 +43,12 @@ def test_fit_with_patient_validation_validates_on_the_unseen_patient(demo):
     assert model.training["validation_sections"] == ["B4"]
     assert model.training["sections"] == ["C2", "B4", "C3", "C4"]
     assert model.training["gene_ranking_source"] == "validation sections"
+
+
+def test_fit_rejects_a_bad_validation_split_before_touching_the_encoder(demo):
+    _, c2, c3, c4 = demo
+    not_an_encoder = object()  # would be a TypeError if the encoder were resolved first
+    with pytest.raises(ValueError, match="val_sections must be"):
+        gd.tl.fit([c2, c3, c4], encoder=not_an_encoder, genes=5, val_sections="C2")
+    with pytest.raises(KeyError, match="not among the training sections"):
+        gd.tl.fit([c2, c3, c4], encoder=not_an_encoder, genes=5, val_sections=["B4"])

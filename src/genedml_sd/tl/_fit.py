@@ -206,6 +206,7 @@ def fit(
     keys = [resolve_slide_keys(s, image_key, shapes_key, table_key, need_table=True) for s in slides]
     infos = [slide_info(s, k) for s, k in zip(slides, keys, strict=True)]
     names = [str(i["section"]) for i in infos]
+    val_idx = _split_validation(infos, val_sections, seed)  # before any encoding: a bad value fails at once
     tables = [s.tables[k.table_key] for s, k in zip(slides, keys, strict=True)]
 
     if isinstance(genes, int | np.integer) and not isinstance(genes, bool):
@@ -252,7 +253,6 @@ def fit(
         slides, keys, features, enc, genes=gene_list, names=names, layer=layer, extraction=extraction
     )
 
-    val_idx = _split_validation(infos, val_sections, seed)
     train = [t for i, t in enumerate(tensors) if i not in val_idx]
     val = [tensors[i] for i in val_idx] or None
     logger.info("Training %s on %s, validating on %s", method, [t.name for t in train], [t.name for t in val or []])
